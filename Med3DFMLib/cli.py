@@ -1,0 +1,120 @@
+"""`med3dfm`: the command line, and what the Slicer module runs in a background process.
+
+Errors the user can fix (Med3DFMError) print one line and exit 1; with `--progress json` an
+`{"stage": "error", ...}` line is printed too so the Slicer panel can show it. A traceback appears
+only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from Med3DFMLib import __version__
+from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.progress import Progress, default_mode
+
+DEFAULT_SEGMENT_MODEL = "hippocampus-mr-demo"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="med3dfm", description="Med3DFM: 3D medical foundation models for segmentation and classification.")
+    parser.add_argument("--version", action="version", version=f"med3dfm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    segment = commands.add_parser("segment", help="segment a CT or MR volume into a Slicer .seg.nrrd")
+    segment.add_argument("input", type=Path, help="volume file (NRRD, NIfTI, MHA, ...) or DICOM series folder")
+    segment.add_argument("-o", "--output", type=Path, required=True, help="output segmentation, ending in .seg.nrrd")
+    segment.add_argument("--model", default=DEFAULT_SEGMENT_MODEL, help=f"registry model id or .safetensors file (default: {DEFAULT_SEGMENT_MODEL})")
+    segment.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    segment.add_argument("--labelmap", type=Path, help="also write a plain label map (e.g. OUT.nii.gz)")
+    segment.add_argument("--table", type=Path, help="also write a .tsv table of segment volumes")
+    segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, 0..0.9 (default 0.25)")
+    segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
+    _add_common(segment)
+
+    try:
+        from Med3DFMLib.registry.cli import add_models_parser
+    except ImportError:  # registry not built yet in this checkout
+        add_models_parser = None
+    if add_models_parser is not None:
+        add_models_parser(commands)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=["json", "tqdm", "none"], default=None, help="progress reporting (default: a bar on a terminal)")
+    parser.add_argument("--registry", help="model registry file to use instead of the bundled one (also MED3DFM_REGISTRY)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+
+
+def _run(args: argparse.Namespace, progress: Progress) -> int:
+    if args.command == "segment":
+        from Med3DFMLib.segment import run_segment
+
+        if not 0.0 <= args.overlap < 1.0:
+            raise Med3DFMError("--overlap must be at least 0 and below 1")
+        record = run_segment(
+            args.input,
+            args.output,
+            args.model,
+            device=args.device,
+            labelmap=args.labelmap,
+            table=args.table,
+            overlap=args.overlap,
+            registry=args.registry,
+            overwrite=not args.no_overwrite,
+            progress=progress,
+        )
+        if progress.mode != "json":
+            segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])
+            print(f"wrote {args.output} ({segments}) in {record['timings_s']['total']:.1f} s on {record['device']}")
+        return 0
+    if args.command == "models":
+        from Med3DFMLib.registry.cli import run_models_command
+
+        return int(run_models_command(args))
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    mode = getattr(args, "progress", None) or default_mode()
+    progress = Progress(mode)
+    try:
+        return _run(args, progress)
+    except Med3DFMError as err:
+        return _fail(str(err), progress, args)
+    except KeyboardInterrupt:
+        return _fail("cancelled", progress, args, code=130)
+    except Exception as err:  # a bug or an unexpected environment problem: still one line
+        if args.debug:
+            raise
+        return _fail(f"unexpected {type(err).__name__}: {err} (run with --debug for details)", progress, args)
+    finally:
+        progress.close()
+
+
+def _fail(message: str, progress: Progress, args: argparse.Namespace, code: int = 1) -> int:
+    if args.debug and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
+    if progress.mode == "json":
+        sys.stdout.write(json.dumps({"stage": "error", "fraction": 1.0, "message": message}) + "\n")
+        sys.stdout.flush()
+    first_line = message.splitlines()[0] if message else "failed"
+    print(f"med3dfm: error: {first_line}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Whole-volume inference: device choice, memory guard, sliding windows with Gaussian blending.
+
+Windows are blended with MONAI's `sliding_window_inference` (Gaussian importance, overlap 0.25 by
+default). Before a run, the memory the run will need is estimated and compared with what is free:
+a batch of windows is shrunk first, and if even one window does not fit, the run is refused with a
+message instead of being killed by the operating system half-way through.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+
+from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.progress import Progress
+
+# Peak activation bytes per input voxel of one window for the small default model, measured with
+# benchmarks/window_memory.py (float32, CPU); kept conservative so the guard errs on the safe side.
+ACTIVATION_BYTES_PER_VOXEL = 600
+GIB = 1024**3
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """`auto` prefers CUDA; asking for CUDA where there is none is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise Med3DFMError("--device cuda was asked for, but no CUDA GPU is available to PyTorch")
+        return torch.device("cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise Med3DFMError(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def plan_memory(
+    volume_shape: Sequence[int],
+    num_classes: int,
+    window: Sequence[int],
+    device: torch.device,
+    batch_size: int = 4,
+    host_available: Optional[int] = None,
+    device_available: Optional[int] = None,
+) -> int:
+    """The window batch size that fits, or a Med3DFMError saying how much memory is missing.
+
+    Host memory holds the input, the blended class scores and the count map (float32 each);
+    the device holds a batch of windows' activations (and, on CPU, shares the host's memory).
+    """
+    voxels = int(np.prod(volume_shape))
+    window_voxels = int(np.prod(window))
+    host_needed = voxels * 4 * (num_classes + 3)
+    host_free = available_memory(torch.device("cpu")) if host_available is None else host_available
+    if device.type == "cpu":
+        device_free = host_free - host_needed
+    else:
+        device_free = available_memory(device) if device_available is None else device_available
+    per_window = window_voxels * ACTIVATION_BYTES_PER_VOXEL
+    if host_needed > host_free or per_window > device_free:
+        where = "GPU" if device.type == "cuda" and host_needed <= host_free else "main"
+        needed = host_needed + (per_window if device.type == "cpu" else 0)
+        if where == "GPU":
+            needed = per_window
+        available = host_free if where == "main" else device_free
+        raise Med3DFMError(
+            f"not enough {where} memory for a volume of {tuple(volume_shape)} voxels at the model's spacing: "
+            f"needs about {needed / GIB:.1f} GiB, {max(available, 0) / GIB:.1f} GiB available "
+            "(crop the volume, close other programs, or use a machine with more memory)"
+        )
+    return max(1, min(batch_size, int(device_free // per_window)))
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPUs that support it (fp16 otherwise); full precision on CPU."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def count_windows(volume_shape: Sequence[int], window: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's scan visits (same interval rule as its sliding window)."""
+    total = 1
+    for size, roi in zip(volume_shape, window):
+        size = max(size, roi)
+        interval = max(int(roi * (1.0 - overlap)), 1) if size > roi else roi
+        total *= int(math.ceil((size - roi) / interval)) + 1
+    return total
+
+
+def predict_volume(
+    model: nn.Module,
+    array: np.ndarray,
+    window: Sequence[int],
+    device: torch.device,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    progress: Optional[Progress] = None,
+) -> np.ndarray:
+    """Class probabilities (C, z, y, x) for a normalised (z, y, x) volume.
+
+    `window` is in (z, y, x) order. Blending happens on the CPU so a large volume never needs to
+    sit in GPU memory; only windows travel to the device.
+    """
+    from monai.inferers import sliding_window_inference
+
+    num_classes = int(getattr(model, "num_classes"))
+    batch_size = plan_memory(array.shape, num_classes, window, device, batch_size)
+    total = count_windows(array.shape, window, overlap)
+    done = [0]
+    model = model.to(device).eval()
+
+    def run_windows(batch: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device):
+            logits = model(batch.to(device))
+        done[0] += batch.shape[0]
+        if progress is not None:
+            progress.update("infer", done[0] / total, f"window {min(done[0], total)} of {total}")
+        return logits.float().softmax(1)
+
+    inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    with torch.inference_mode():
+        probabilities = sliding_window_inference(
+            inputs,
+            roi_size=tuple(int(w) for w in window),
+            sw_batch_size=batch_size,
+            predictor=run_windows,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(array.min()) if array.size else 0.0,
+            sw_device=device,
+            device=torch.device("cpu"),
+        )
+    return probabilities[0].numpy()

@@ -1,0 +1,89 @@
+"""Cross-planar deformable attention: how the two branches read each other.
+
+A query (a ViT token or a graph node) has a reference point in the window. It samples the other
+branch's feature maps at a few learned offsets around that point, with trilinear interpolation
+(`F.grid_sample` on 5-D tensors), and mixes the samples with learned weights. Channels are split
+into three groups whose offsets are confined to one anatomical plane each (axial: x-y, coronal:
+x-z, sagittal: y-z), so every query gathers context along all three planes radiologists read in.
+Offsets start at zero, so an untrained module samples exactly at the reference points.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Which of (x, y, z) each plane group may move along: axial, coronal, sagittal.
+PLANE_AXES: Tuple[Tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
+
+
+def reference_points(size: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Voxel centres of a (d, h, w) grid in grid_sample's normalised (x, y, z) coordinates, (N, 3)."""
+    axes = [(torch.arange(n, device=device, dtype=dtype) + 0.5) / n * 2.0 - 1.0 for n in size]
+    zz, yy, xx = torch.meshgrid(axes[0], axes[1], axes[2], indexing="ij")
+    return torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
+
+
+def sample_points(values: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of `values` (B, C, d, h, w) at `points` (B, N, P, 3) → (B, C, N, P)."""
+    grid = points.unsqueeze(3)  # (B, N, P, 1, 3) as (D_out, H_out, W_out)
+    sampled = F.grid_sample(values, grid.to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled.squeeze(-1)
+
+
+class CrossPlanarDeformableAttention(nn.Module):
+    """Queries sample several feature levels of the other branch at learned in-plane offsets."""
+
+    def __init__(self, query_dim: int, value_dims: Sequence[int], dim: int, points: int = 4) -> None:
+        super().__init__()
+        if dim % len(PLANE_AXES):
+            raise ValueError("dim must be divisible by the number of plane groups")
+        self.groups = len(PLANE_AXES)
+        self.levels = len(value_dims)
+        self.points = points
+        self.dim = dim
+        self.norm = nn.LayerNorm(query_dim)
+        self.offsets = nn.Linear(query_dim, self.groups * self.levels * points * 2)
+        self.weights = nn.Linear(query_dim, self.groups * self.levels * points)
+        self.values = nn.ModuleList(nn.Conv3d(c, dim, kernel_size=1) for c in value_dims)
+        self.out = nn.Linear(dim, query_dim)
+        nn.init.zeros_(self.offsets.weight)
+        nn.init.zeros_(self.offsets.bias)
+        nn.init.zeros_(self.weights.weight)
+        nn.init.zeros_(self.weights.bias)
+
+    def sampling_locations(self, queries: torch.Tensor, ref: torch.Tensor, level_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Absolute sampling points (B, N, G, L, P, 3) in normalised coordinates.
+
+        Offsets are predicted in voxels of each level and converted to normalised units, then
+        placed on the two axes of the group's plane (the third axis stays at the reference).
+        """
+        batch, count, _ = queries.shape
+        raw = self.offsets(queries).view(batch, count, self.groups, self.levels, self.points, 2)
+        scale = torch.tensor([[2.0 / s[2], 2.0 / s[1], 2.0 / s[0]] for s in level_sizes], device=queries.device, dtype=raw.dtype)
+        offsets = raw.new_zeros(batch, count, self.groups, self.levels, self.points, 3)
+        for group, (a, b) in enumerate(PLANE_AXES):
+            offsets[:, :, group, :, :, a] = raw[:, :, group, :, :, 0] * scale[:, a].view(1, 1, -1, 1)
+            offsets[:, :, group, :, :, b] = raw[:, :, group, :, :, 1] * scale[:, b].view(1, 1, -1, 1)
+        return ref.view(1, count, 1, 1, 1, 3).to(raw.dtype) + offsets
+
+    def forward(self, queries: torch.Tensor, ref: torch.Tensor, maps: List[torch.Tensor]) -> torch.Tensor:
+        """Residual update of `queries` (B, N, Cq) located at `ref` (N, 3) from `maps` (B, C_l, d, h, w)."""
+        batch, count, _ = queries.shape
+        normed = self.norm(queries)
+        locations = self.sampling_locations(normed, ref, [m.shape[2:] for m in maps])
+        weights = self.weights(normed).view(batch, count, self.groups, self.levels * self.points).softmax(-1)
+        group_dim = self.dim // self.groups
+        gathered = queries.new_zeros(batch, self.groups, group_dim, count, self.levels * self.points)
+        for level, feature_map in enumerate(maps):
+            value = self.values[level](feature_map)  # (B, dim, d, h, w)
+            value = value.reshape(batch * self.groups, group_dim, *value.shape[2:])
+            points = locations[:, :, :, level].permute(0, 2, 1, 3, 4).reshape(batch * self.groups, count, self.points, 3)
+            sampled = sample_points(value, points).view(batch, self.groups, group_dim, count, self.points)
+            gathered[..., level * self.points : (level + 1) * self.points] = sampled
+        mixed = (gathered * weights.permute(0, 2, 1, 3).unsqueeze(2)).sum(-1)  # (B, G, gd, N)
+        mixed = mixed.reshape(batch, self.dim, count).transpose(1, 2)
+        return queries + self.out(mixed)

@@ -1,0 +1,196 @@
+"""`med3dfm models ...` and `setup_models.py ...`: one argparse definition used by both.
+
+Subcommands: list [--json] | download ID... | verify [ID...] | import PATH... | remove ID...,
+each with --registry PATH and --progress json|tqdm|none. Errors the user can fix print one line
+on stderr and exit 1; usage errors exit 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, List, Optional, Sequence
+
+from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.progress import Progress, default_mode
+
+COMMAND_DEST = "models_command"
+
+
+def _common_options() -> argparse.ArgumentParser:
+    # SUPPRESS keeps an option given before the subcommand (or by an outer parser) from being
+    # overwritten by this level's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", metavar="PATH", default=argparse.SUPPRESS,
+                        help="model registry file (default: $MED3DFM_REGISTRY or Resources/models.json)")
+    common.add_argument("--progress", choices=("json", "tqdm", "none"), default=argparse.SUPPRESS,
+                        help="progress output: JSON lines on stdout, a bar on stderr, or nothing")
+    return common
+
+
+def add_models_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Add list/download/verify/import/remove to `parser` (setup_models.py uses it at top level)."""
+    common = _common_options()
+    parser.add_argument("--registry", metavar="PATH", default=argparse.SUPPRESS,
+                        help="model registry file (default: $MED3DFM_REGISTRY or Resources/models.json)")
+    parser.add_argument("--progress", choices=("json", "tqdm", "none"), default=argparse.SUPPRESS,
+                        help="progress output: JSON lines on stdout, a bar on stderr, or nothing")
+    sub = parser.add_subparsers(dest=COMMAND_DEST, metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("list", parents=[common], help="list known models and where they are installed")
+    p.add_argument("--json", action="store_true", help="print a JSON array (for scripts and the Slicer module)")
+    p = sub.add_parser("download", parents=[common], help="download models into the user cache")
+    p.add_argument("ids", nargs="+", metavar="ID", help="model id, or id@version")
+    p = sub.add_parser("verify", parents=[common], help="recompute checksums of installed models")
+    p.add_argument("ids", nargs="*", metavar="ID", help="model ids (default: every installed model)")
+    p.add_argument("--json", action="store_true", help="print the results as a JSON array")
+    p = sub.add_parser("import", parents=[common], help="install a .safetensors file or .zip bundle offline")
+    p.add_argument("paths", nargs="+", metavar="PATH", help=".safetensors model file or .zip model bundle")
+    p = sub.add_parser("remove", parents=[common], help="delete models from the user cache")
+    p.add_argument("ids", nargs="+", metavar="ID", help="model id (all versions) or id@version")
+    parser.set_defaults(func=run_models_command)
+
+
+def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `models` subcommand to another CLI's subparsers (used by `med3dfm`)."""
+    parser = subparsers.add_parser(
+        "models", help="list, download, verify, import and remove models",
+        description="Manage Med3DFM models: the registry, the user cache and offline imports.",
+    )
+    add_models_subcommands(parser)
+    return parser
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n} B"
+
+
+def _print_table(rows: List[List[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _cmd_list(args: argparse.Namespace, registry: Optional[str]) -> int:
+    from Med3DFMLib.registry.cache import models_home
+    from Med3DFMLib.registry.manage import list_models
+
+    rows = list_models(registry)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no models known")
+        return 0
+    table = [["ID", "VERSION", "TASK", "INSTALLED", "SIZE", "LICENCE"]]
+    for row in rows:
+        table.append([row["id"], row["version"], row["task"], row["installed"], _human_size(row["size"]), row["licence"]])
+    _print_table(table)
+    print(f"\ncache: {models_home()}")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace, registry: Optional[str], progress: Progress) -> int:
+    from Med3DFMLib.registry.resolve import resolve_model
+
+    for spec in args.ids:
+        model = resolve_model(spec, registry=registry, progress=progress, allow_download=True)
+        progress.close()
+        if progress.mode == "json":
+            print(json.dumps({"result": "installed", "id": model.id, "version": model.version,
+                              "source": model.source, "path": str(model.weights)}), flush=True)
+        elif model.source == "bundled":
+            print(f"{model.id}@{model.version}: bundled with Med3DFM ({model.weights}); nothing to download")
+        elif model.source == "cache":
+            print(f"{model.id}@{model.version}: already installed ({model.weights})")
+        else:
+            print(f"{model.id}@{model.version}: installed ({model.weights})")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace, registry: Optional[str]) -> int:
+    from Med3DFMLib.registry.manage import verify_models
+
+    checks = verify_models(args.ids, registry)
+    failed = [c for c in checks if not c.ok]
+    if args.json:
+        print(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        if not checks:
+            print("no installed models to verify")
+        for c in checks:
+            where = f"{c.location} {c.path}" if c.path else c.location
+            print(f"{'OK  ' if c.ok else 'FAIL'} {c.id}@{c.version} {c.name} ({where}){'' if c.ok else ': ' + c.message}")
+    if failed:
+        print(f"error: {len(failed)} file(s) failed verification", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace, registry: Optional[str], progress: Progress) -> int:
+    from Med3DFMLib.registry.manage import import_model
+
+    for path in args.paths:
+        for model in import_model(path, registry=registry, progress=progress):
+            if progress.mode == "json":
+                print(json.dumps({"result": "imported", "id": model.id, "version": model.version,
+                                  "path": str(model.weights)}), flush=True)
+            else:
+                print(f"{model.id}@{model.version}: imported ({model.weights})")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace, registry: Optional[str]) -> int:
+    from Med3DFMLib.registry.manage import remove_model
+
+    for spec in args.ids:
+        result = remove_model(spec, registry)
+        for folder in result.removed:
+            print(f"removed {folder}")
+        if result.bundled:
+            print(f"{spec}: the copy bundled with Med3DFM stays ({result.bundled[0]}); bundled files are never removed")
+    return 0
+
+
+def run_models_command(args: argparse.Namespace) -> int:
+    """Run a parsed `models` command; Med3DFMError -> one line on stderr and exit code 1."""
+    registry = getattr(args, "registry", None)
+    progress = Progress(getattr(args, "progress", None) or default_mode())
+    command = getattr(args, COMMAND_DEST)
+    try:
+        if command == "list":
+            return _cmd_list(args, registry)
+        if command == "download":
+            return _cmd_download(args, registry, progress)
+        if command == "verify":
+            return _cmd_verify(args, registry)
+        if command == "import":
+            return _cmd_import(args, registry, progress)
+        if command == "remove":
+            return _cmd_remove(args, registry)
+        raise AssertionError(f"unhandled models command {command!r}")
+    except Med3DFMError as err:
+        progress.close()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        progress.close()
+        print("error: interrupted (a partial download is kept and resumes next time)", file=sys.stderr)
+        return 130
+    finally:
+        progress.close()
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Entry point of setup_models.py: the models subcommands at top level."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Manage Med3DFM models: list, download, verify, import (offline) and remove.",
+    )
+    add_models_subcommands(parser)
+    args = parser.parse_args(argv)
+    return run_models_command(args)

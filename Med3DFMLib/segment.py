@@ -1,0 +1,151 @@
+"""The Segment job: a scan in, a Slicer segmentation (and optional label map, table, record) out.
+
+Every output is checked for writability before any work starts, written under a temporary name,
+and renamed into place only when all of them are complete: a failed or cancelled run leaves
+nothing that looks like a result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.inference import choose_device, predict_volume
+from Med3DFMLib.io.atomic import atomic_path, check_writable
+from Med3DFMLib.io.segmentations import SegmentInfo, write_labelmap, write_seg_nrrd
+from Med3DFMLib.io.tables import write_tsv
+from Med3DFMLib.io.volumes import read_volume
+from Med3DFMLib.preprocess import InputSpec, probabilities_to_labels, to_model_input
+from Med3DFMLib.progress import Progress
+from Med3DFMLib.record import new_record, record_path_for
+
+
+@dataclass
+class LoadedSegmenter:
+    """A segmentation model ready to run, with the card facts the job needs."""
+
+    model: Any
+    card: Dict[str, Any]
+    spec: InputSpec
+    segments: List[SegmentInfo]
+    provenance: Dict[str, Any]
+
+
+def load_segmenter(model_spec: str, registry: Optional[str] = None, progress: Optional[Progress] = None) -> LoadedSegmenter:
+    from Med3DFMLib.models import load_segmentation_model
+    from Med3DFMLib.registry import resolve_model
+    from Med3DFMLib.weights import read_weights
+
+    resolved = resolve_model(model_spec, registry=registry, progress=progress)
+    tensors, file_card = read_weights(resolved.weights)
+    if file_card.get("task") != "segment":
+        raise Med3DFMError(f"model {resolved.id} is a {file_card.get('task')!r} model; `segment` needs a segmentation model")
+    model = load_segmentation_model(tensors, file_card)
+    segments = [SegmentInfo.from_card(entry) for entry in file_card["labels"]]
+    provenance = {"id": resolved.id, "version": resolved.version, "sha256": resolved.sha256, "source": resolved.source, "file": str(resolved.weights)}
+    return LoadedSegmenter(model, file_card, InputSpec.from_card(file_card["input"]), segments, provenance)
+
+
+def segment_image(image: sitk.Image, segmenter: LoadedSegmenter, device_name: str = "auto", overlap: float = 0.25, progress: Optional[Progress] = None, timings: Optional[Dict[str, float]] = None) -> sitk.Image:
+    """Label map on the image's own grid."""
+    timings = {} if timings is None else timings
+    progress = progress or Progress("none")
+    device = choose_device(device_name)
+    tick = time.perf_counter()
+    progress.update("preprocess", 0.0, "resampling to the model grid")
+    array, grid = to_model_input(image, segmenter.spec)
+    timings["preprocess"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    probabilities = predict_volume(segmenter.model, array, segmenter.spec.window[::-1], device, overlap=overlap, progress=progress)
+    timings["infer"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    progress.update("postprocess", 0.0, "resampling to the input grid")
+    labels = probabilities_to_labels(probabilities, grid, image)
+    timings["postprocess"] = time.perf_counter() - tick
+    return labels
+
+
+def segment_volumes_table(labels: sitk.Image, segments: List[SegmentInfo]) -> List[List[Any]]:
+    """Rows of (segment, label value, voxels, volume mm³, volume mL) for every segment."""
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=max(s.value for s in segments) + 1)
+    voxel_mm3 = float(np.prod(labels.GetSpacing()))
+    return [[s.name, s.value, int(counts[s.value]), counts[s.value] * voxel_mm3, counts[s.value] * voxel_mm3 / 1000.0] for s in segments]
+
+
+def run_segment(
+    input_path: Path,
+    output: Path,
+    model_spec: str,
+    device: str = "auto",
+    labelmap: Optional[Path] = None,
+    table: Optional[Path] = None,
+    overlap: float = 0.25,
+    registry: Optional[str] = None,
+    overwrite: bool = True,
+    progress: Optional[Progress] = None,
+) -> Dict[str, Any]:
+    """The whole `med3dfm segment` job; returns the record written beside the output."""
+    progress = progress or Progress("none")
+    if not str(output).lower().endswith(".seg.nrrd"):
+        raise Med3DFMError(f"the segmentation output must end in .seg.nrrd: {output}")
+    record_path = record_path_for(output)
+    outputs = [output, record_path] + [p for p in (labelmap, table) if p is not None]
+    if len({p.resolve() for p in outputs}) != len(outputs) or Path(input_path).resolve() in {p.resolve() for p in outputs}:
+        raise Med3DFMError("output paths must differ from each other and from the input")
+    for path in outputs:
+        check_writable(path, overwrite)
+
+    record = new_record("segment")
+    record["parameters"] = {"input": str(input_path), "model": model_spec, "device": device, "overlap": overlap}
+    timings = record["timings_s"]
+    started = time.perf_counter()
+
+    progress.update("load", 0.0, f"reading {Path(input_path).name}")
+    tick = time.perf_counter()
+    image = read_volume(input_path)
+    timings["load"] = time.perf_counter() - tick
+    record["input"] = {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()), "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())}
+
+    progress.update("model", 0.0, f"loading model {model_spec}")
+    tick = time.perf_counter()
+    segmenter = load_segmenter(model_spec, registry, progress)
+    timings["load_model"] = time.perf_counter() - tick
+    record["model"] = segmenter.provenance
+    record["device"] = str(choose_device(device))
+
+    labels = segment_image(image, segmenter, device, overlap, progress, timings)
+
+    progress.update("write", 0.0, f"writing {output.name}")
+    tick = time.perf_counter()
+    rows = segment_volumes_table(labels, segmenter.segments)
+    record["segments"] = [{"name": r[0], "value": r[1], "voxels": r[2], "volume_ml": round(r[4], 4)} for r in rows]
+    record["outputs"] = {"segmentation": str(output)}
+    if labelmap is not None:
+        record["outputs"]["labelmap"] = str(labelmap)
+    if table is not None:
+        record["outputs"]["table"] = str(table)
+    with contextlib.ExitStack() as stack:
+        write_seg_nrrd(stack.enter_context(atomic_path(output)), labels, segmenter.segments)
+        if labelmap is not None:
+            write_labelmap(stack.enter_context(atomic_path(labelmap)), labels)
+        if table is not None:
+            write_tsv(
+                stack.enter_context(atomic_path(table)),
+                ["segment", "label", "voxels", "volume_mm3", "volume_ml"],
+                rows,
+                comments=[f"model {segmenter.provenance['id']} {segmenter.provenance['version']} sha256 {segmenter.provenance['sha256']}"],
+            )
+        timings["write"] = time.perf_counter() - tick
+        timings["total"] = time.perf_counter() - started
+        record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        stack.enter_context(atomic_path(record_path)).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    progress.update("done", 1.0, f"wrote {output.name}", outputs=record["outputs"])
+    return record

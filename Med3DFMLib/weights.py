@@ -1,0 +1,69 @@
+"""Weight files: safetensors only, each carrying its model card in the file's metadata.
+
+A weight file is self-describing: `read_weights` returns the tensors and the card (JSON stored
+under the metadata key `med3dfm.card`), so `--model some.safetensors` needs no registry entry.
+Pickle-based formats are refused: loading them can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+
+from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.io.atomic import PathLike, atomic_path
+
+CARD_KEY = "med3dfm.card"
+_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
+
+
+def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Load tensors and card from a safetensors file; refuse anything else with a clear message."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise Med3DFMError(f"model file not found: {path}")
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise Med3DFMError(
+            f"refusing to load {path.name}: only .safetensors weight files are accepted "
+            "(pickle-based formats can run code when loaded)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise Med3DFMError(f"not a valid safetensors weight file: {path} ({err})") from None
+    card_text = metadata.get(CARD_KEY)
+    if card_text is None:
+        raise Med3DFMError(f"{path.name} is a safetensors file but carries no Med3DFM model card")
+    try:
+        card = json.loads(card_text)
+    except json.JSONDecodeError as err:
+        raise Med3DFMError(f"the model card inside {path.name} is not valid JSON ({err})") from None
+    return tensors, card
+
+
+def write_weights(path: PathLike, tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -> str:
+    """Write tensors + card atomically; return the file's sha256."""
+    from safetensors.torch import save_file
+
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata={CARD_KEY: json.dumps(card, sort_keys=True)})
+    return sha256_of(path)
