@@ -16,6 +16,7 @@ from typing import List, Optional
 from Med3DFMLib import __version__
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress, default_mode
+from Med3DFMLib.registry.cli import add_models_parser
 
 DEFAULT_SEGMENT_MODEL = "hippocampus-mr-demo"
 
@@ -37,12 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
     _add_common(segment)
 
-    try:
-        from Med3DFMLib.registry.cli import add_models_parser
-    except ImportError:  # registry not built yet in this checkout
-        add_models_parser = None
-    if add_models_parser is not None:
-        add_models_parser(commands)
+    add_models_parser(commands)
     return parser
 
 

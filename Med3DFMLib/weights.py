@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.io.atomic import PathLike, atomic_path
+
+if TYPE_CHECKING:  # torch is imported only when tensors are read or written, so hashing stays quick
+    import torch
 
 CARD_KEY = "med3dfm.card"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 
 
 def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (weight files can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):
@@ -29,7 +31,7 @@ def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_weights(path: PathLike) -> Tuple[Dict[str, "torch.Tensor"], Dict[str, Any]]:
     """Load tensors and card from a safetensors file; refuse anything else with a clear message."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -59,7 +61,7 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any
     return tensors, card
 
 
-def write_weights(path: PathLike, tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -> str:
+def write_weights(path: PathLike, tensors: Dict[str, "torch.Tensor"], card: Dict[str, Any]) -> str:
     """Write tensors + card atomically; return the file's sha256."""
     from safetensors.torch import save_file
 

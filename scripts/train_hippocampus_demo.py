@@ -48,9 +48,11 @@ LABELS = [
         "name": "anterior hippocampus",
         "color": [0.86, 0.55, 0.24],
         "terminology": {
+            # Slicer's DICOM master list has Hippocampus (no anterior/posterior modifier exists:
+            # the part is in the segment name).
+            "contextName": "Segmentation category and type - DICOM master list",
             "category": ["SCT", "123037004", "Anatomical Structure"],
-            "type": ["SCT", "5300000", "Hippocampus"],
-            "typeModifier": ["SCT", "255549009", "Anterior"],
+            "type": ["SCT", "5366008", "Hippocampus"],
         },
     },
     {
@@ -58,9 +60,11 @@ LABELS = [
         "name": "posterior hippocampus",
         "color": [0.35, 0.63, 0.86],
         "terminology": {
+            # Slicer's DICOM master list has Hippocampus (no anterior/posterior modifier exists:
+            # the part is in the segment name).
+            "contextName": "Segmentation category and type - DICOM master list",
             "category": ["SCT", "123037004", "Anatomical Structure"],
-            "type": ["SCT", "5300000", "Hippocampus"],
-            "typeModifier": ["SCT", "255551008", "Posterior"],
+            "type": ["SCT", "5366008", "Hippocampus"],
         },
     },
 ]
@@ -281,7 +285,68 @@ def main() -> None:
 
 
 def evaluate(data: Path, weights: Path, install: bool) -> None:
-    raise SystemExit("evaluate: see below")
+    """Dice of the real segment pipeline on every held-out test case, on each case's own grid."""
+    import SimpleITK as sitk
+
+    from Med3DFMLib.io.segmentations import read_labels, resample_labels_to
+    from Med3DFMLib.io.volumes import read_volume
+    from Med3DFMLib.segment import load_segmenter, segment_image
+    from Med3DFMLib.weights import read_weights, write_weights
+
+    names = sorted(p.name for p in (data / "images").glob("*.nii.gz"))
+    test = split_cases(names)["test"]
+    segmenter = load_segmenter(str(weights))
+    per_case = []
+    start = time.time()
+    for name in test:
+        image = read_volume(data / "images" / name)
+        truth = sitk.GetArrayFromImage(resample_labels_to(read_labels(data / "labels" / name).image, image))
+        pred = sitk.GetArrayFromImage(segment_image(image, segmenter, "cpu"))
+        scores = {}
+        for label in LABELS:
+            a, b = pred == label["value"], truth == label["value"]
+            scores[label["name"]] = float(2 * (a & b).sum() / (a.sum() + b.sum())) if (a.sum() + b.sum()) else 1.0
+        per_case.append(scores)
+        print(name, {k: round(v, 4) for k, v in scores.items()}, flush=True)
+    seconds = time.time() - start
+    metrics = {
+        "dataset": f"MSD Task04 Hippocampus, {len(test)} held-out test cases (every 5th case by name)",
+        "protocol": "med3dfm segment pipeline on each case's own grid, CPU, compared with the manual labels",
+        "dice": {
+            label["name"]: {
+                "mean": round(float(np.mean([c[label["name"]] for c in per_case])), 4),
+                "std": round(float(np.std([c[label["name"]] for c in per_case])), 4),
+                "min": round(float(np.min([c[label["name"]] for c in per_case])), 4),
+            }
+            for label in LABELS
+        },
+        "mean_dice": round(float(np.mean([np.mean(list(c.values())) for c in per_case])), 4),
+        "seconds_per_case_cpu": round(seconds / len(test), 3),
+    }
+    print(json.dumps(metrics, indent=2))
+    tensors, card = read_weights(weights)
+    card["labels"] = LABELS  # names/colours/terminology may be refined after training
+    card["metrics"] = metrics
+    card["limits"] = LIMITS
+    target = ROOT / "Resources" / "models" / f"{MODEL_ID}.safetensors" if install else weights
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sha = write_weights(target, tensors, card)
+    if install:
+        registry_path = ROOT / "Resources" / "models.json"
+        registry = json.loads(registry_path.read_text())
+        entry = next(e for e in registry["models"] if e["id"] == MODEL_ID)
+        entry["files"][0].update({"sha256": sha, "size": target.stat().st_size})
+        for key in ("input", "labels", "training", "metrics", "limits"):
+            entry[key] = card[key]
+        registry_path.write_text(json.dumps(registry, indent=2) + "\n")
+        print(f"installed {target} (sha256 {sha}) and updated {registry_path}")
+
+
+LIMITS = (
+    "A demonstration model. It was trained on 144 small MR crops centred on one hippocampus "
+    "(T1-weighted, one site); it expects such a crop at about 1 mm and finds nothing meaningful "
+    "in whole-brain scans, other anatomy or CT. Not for clinical use."
+)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ installed for, so installed models stay listable offline and without the registr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.weights import sha256_of
 
 HOME_ENV = "MED3DFM_HOME"
 ENTRY_FILE = "model.json"
@@ -86,18 +86,6 @@ def stored_entries() -> Iterator[Dict[str, Any]]:
 _HASHES: Dict[Tuple[str, int, int], str] = {}
 
 
-def sha256_file(path: Path) -> str:
-    """Same digest as `Med3DFMLib.weights.sha256_of`, without importing torch.
-
-    Kept torch-free so `setup_models.py list/verify/download` start in a fraction of a second.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_sha256(path: Path, fresh: bool = False) -> str:
     """sha256 of `path`, remembered while the file's size and mtime are unchanged.
 
@@ -107,7 +95,7 @@ def file_sha256(path: Path, fresh: bool = False) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if fresh or key not in _HASHES:
-        _HASHES[key] = sha256_file(path)
+        _HASHES[key] = sha256_of(path)
     return _HASHES[key]
 
 

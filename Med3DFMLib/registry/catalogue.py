@@ -30,12 +30,7 @@ class Catalogue:
 
     path: Path
     data: Dict[str, Any]
-    base: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        # Bundled paths are relative to the registry's folder; for the default registry that
-        # folder is Resources/, which is what the schema documents.
-        self.base = self.path.resolve().parent
+    base: Path = field(default_factory=resources_dir)  # bundled files live in Resources/, whichever registry lists them
 
     @property
     def entries(self) -> List[Dict[str, Any]]:

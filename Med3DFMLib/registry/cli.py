@@ -176,6 +176,8 @@ def run_models_command(args: argparse.Namespace) -> int:
         raise AssertionError(f"unhandled models command {command!r}")
     except Med3DFMError as err:
         progress.close()
+        if progress.mode == "json":  # the Slicer module reads errors from the JSON stream too
+            print(json.dumps({"stage": "error", "fraction": 1.0, "message": str(err)}), flush=True)
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ verified, or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import os
@@ -21,7 +22,8 @@ from typing import Any, List, Optional, Sequence
 
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
-from Med3DFMLib.registry.cache import partial_path, remember_sha256, sha256_file
+from Med3DFMLib.registry.cache import partial_path, remember_sha256
+from Med3DFMLib.weights import sha256_of
 
 TIMEOUT_ENV = "MED3DFM_DOWNLOAD_TIMEOUT"
 RETRIES_ENV = "MED3DFM_DOWNLOAD_RETRIES"
@@ -128,6 +130,15 @@ class _Reporter:
         self.progress.update("download", fraction, message, bytes=done, total=self.total, url=self.url)
 
 
+def _fsync(handle: Any) -> None:
+    """Flush to disk before the rename, so a power cut cannot leave an installed file with holes."""
+    try:
+        os.fsync(handle.fileno())
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, getattr(errno, "ENOTSUP", -1)):  # not supported here: fine
+            raise
+
+
 def _fetch(url: str, partial: Path, size: int, timeout: float, report: _Reporter) -> None:
     """One attempt: append the missing bytes of `url` to `partial` (resuming with a Range request)."""
     start = partial.stat().st_size if partial.is_file() else 0
@@ -200,15 +211,18 @@ def _fetch(url: str, partial: Path, size: int, timeout: float, report: _Reporter
                     raise _local_write_error(err, partial) from None
                 done += len(chunk)
                 report(done)
-        finally:
-            if not out.closed:
-                try:
-                    out.flush()
-                    os.fsync(out.fileno())
-                    out.close()
-                except OSError as err:
-                    out.close()
-                    raise _local_write_error(err, partial) from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out.close()  # keeps the bytes received so far for a resume
+            raise
+        try:
+            out.flush()
+            _fsync(out)
+            out.close()
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                out.close()
+            raise _local_write_error(err, partial) from None
         report(done, force=True)
         if size and done < size:
             raise _Retryable(f"the connection closed early ({_mb(done)} of {_mb(size)} received)")
@@ -264,7 +278,7 @@ def download_file(
                 partial.unlink()
                 failures.append(f"{url}: got {actual_size} bytes, expected {size}")
                 break
-            actual = sha256_file(partial)
+            actual = sha256_of(partial)
             if actual != sha256:
                 partial.unlink()
                 failures.append(f"{url}: checksum mismatch (expected sha256 {sha256}, got {actual}; download deleted)")

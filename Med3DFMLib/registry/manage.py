@@ -190,7 +190,8 @@ def verify_models(specs: Optional[Sequence[str]] = None, registry: Optional[str]
 
 # --- import -----------------------------------------------------------------------------------
 
-def _copy_hashing(source: IO[bytes], target: Path) -> Tuple[str, int]:
+def _copy_hashing(source: IO[bytes], target: Path, limit: Optional[int] = None) -> Tuple[str, int]:
+    """Copy while hashing; stop just past `limit` bytes so an oversized zip member cannot fill the disk."""
     digest = hashlib.sha256()
     size = 0
     with open(target, "wb") as out:
@@ -198,6 +199,8 @@ def _copy_hashing(source: IO[bytes], target: Path) -> Tuple[str, int]:
             digest.update(block)
             size += len(block)
             out.write(block)
+            if limit is not None and size > limit:
+                break
         out.flush()
         os.fsync(out.fileno())
     return digest.hexdigest(), size
@@ -344,7 +347,7 @@ def _import_bundle(path: Path, catalogue: Catalogue, progress: Optional[Progress
                             raise Med3DFMError(f"{origin}: the bundle lacks {file['name']} of {entry_key(entry)}")
                         tmp = stack.enter_context(atomic_path(final))
                         with archive.open(member) as source:
-                            digest, size = _copy_hashing(source, tmp)
+                            digest, size = _copy_hashing(source, tmp, limit=file["size"])
                         if digest != file["sha256"] or size != file["size"]:
                             raise Med3DFMError(
                                 f"{origin}: {file['name']} of {entry_key(entry)} does not match its entry "
@@ -400,9 +403,9 @@ def remove_model(spec: str, registry: Optional[str] = None) -> RemoveResult:
                 bundled = known.bundled_path(file)
                 if bundled is not None and bundled.is_file():
                     result.bundled.append(bundled)
-    id_dir = cache.models_home() / "models" / model_id
     if not is_valid_id(model_id):
         raise Med3DFMError(f"invalid model id {model_id!r}")
+    id_dir = cache.models_home() / "models" / model_id
     folders = []
     if id_dir.is_dir():
         folders = [p for p in sorted(id_dir.iterdir()) if p.is_dir() and (version is None or p.name == version)]

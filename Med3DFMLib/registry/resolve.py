@@ -125,11 +125,14 @@ def _check(path: Path, file: Dict[str, Any]) -> Optional[str]:
 def _locate_file(known: KnownModel, file: Dict[str, Any], problems: List[str]) -> Optional[Tuple[Path, str]]:
     """A verified local copy of one file: (path, "bundled"|"cache"), or None."""
     bundled = known.bundled_path(file)
-    if bundled is not None and bundled.is_file():
-        problem = _check(bundled, file)
-        if problem is None:
-            return bundled, "bundled"
-        problems.append(f"bundled copy {problem}")
+    if bundled is not None:
+        if not bundled.is_file():
+            problems.append(f"the bundled copy {bundled} is missing")
+        else:
+            problem = _check(bundled, file)
+            if problem is None:
+                return bundled, "bundled"
+            problems.append(f"bundled copy {problem}")
     cached = cache.cached_file(known.entry["id"], known.entry["version"], file["name"])
     if cached.is_file():
         problem = _check(cached, file)

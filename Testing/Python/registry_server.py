@@ -100,7 +100,7 @@ class FileServer:
         self.state = _State()
         self._server = FileServer._Server(("127.0.0.1", 0), _Handler)
         self._server.state = self.state
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> "FileServer":
         self._thread.start()

@@ -54,7 +54,7 @@ def test_seg_nrrd_reads_back_with_slicerio_on_input_geometry(tmp_path, hippocamp
     image = read_volume(hippocampus_case[0])
     labels = resample_labels_to(read_labels(hippocampus_case[1]).image, image)
     segments = [
-        SegmentInfo(1, "anterior hippocampus", (0.86, 0.55, 0.24), {**TERMINOLOGY, "type": ["SCT", "5300000", "Hippocampus"]}),
+        SegmentInfo(1, "anterior hippocampus", (0.86, 0.55, 0.24), {**TERMINOLOGY, "type": ["SCT", "5366008", "Hippocampus"]}),
         SegmentInfo(2, "posterior hippocampus", (0.35, 0.63, 0.86), None),
         SegmentInfo(3, "absent structure", (0.1, 0.2, 0.3), TERMINOLOGY),
     ]
@@ -66,7 +66,7 @@ def test_seg_nrrd_reads_back_with_slicerio_on_input_geometry(tmp_path, hippocamp
     assert [s["labelValue"] for s in seg["segments"]] == [1, 2, 3]
     assert np.allclose(seg["segments"][0]["color"], (0.86, 0.55, 0.24))
     term = seg["segments"][0]["terminology"]
-    assert term["type"] == ["SCT", "5300000", "Hippocampus"]
+    assert term["type"] == ["SCT", "5366008", "Hippocampus"]
     assert term["category"] == ["SCT", "123037004", "Anatomical Structure"]
     assert "3D Slicer General Anatomy" in term["contextName"]
     assert np.array_equal(seg["voxels"], to_array(labels))
