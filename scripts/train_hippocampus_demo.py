@@ -223,7 +223,7 @@ def train(prepared: Path, out: Path, steps: int, batch: int, lr: float, seed: in
         schedule.step()
         if step % 250 == 0 or step == steps:
             score = validate()
-            history.append({"step": step, "loss": round(float(loss), 4), "val_dice": round(score, 4), "seconds": round(time.time() - start, 1)})
+            history.append({"step": step, "loss": round(loss.item(), 4), "val_dice": round(score, 4), "seconds": round(time.time() - start, 1)})
             print(json.dumps(history[-1]), flush=True)
             if score > best:
                 best, best_step = score, step

@@ -107,6 +107,16 @@ def test_labelmap_table_and_float_volume_round_trip(tmp_path, hippocampus_case):
     assert (tmp_path / "t.tsv").read_text().splitlines() == ["# made by a test", "segment\tvolume_ml", "a\t1.5", "b\t2.25"]
 
 
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os
+
+    with atomic_path(tmp_path / "out.tsv") as tmp:
+        tmp.write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.tsv").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "result.seg.nrrd"
     with pytest.raises(RuntimeError):
