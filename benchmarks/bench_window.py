@@ -225,8 +225,12 @@ def worker_matmul(args: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def run_worker(payload: Dict[str, Any], timeout: float = 3600) -> Dict[str, Any]:
-    """Run one measurement in a fresh interpreter; its result is the last line of its stdout."""
+def run_worker(payload: Dict[str, Any], timeout: float = 3600, in_process: bool = False) -> Dict[str, Any]:
+    """Run one measurement in a fresh interpreter (its result is the last line of its stdout), or
+    in this one with `in_process` (quick smoke runs: peak memory then includes what earlier runs left)."""
+    if in_process:
+        result = worker_matmul(payload) if payload.get("kind") == "matmul" else worker_model(payload)
+        return json.loads(json.dumps(result))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(payload["threads"])))
     proc = subprocess.run(
@@ -323,6 +327,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     parser.add_argument("--matmul-size", type=int, default=None, help="peak matmul size (default 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--in-process", action="store_true", help="no fresh process per model (smoke runs; memory less exact)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -352,13 +357,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "device": args.device,
         "matmul_size": matmul_size,
         "swin_size": args.swin_size,
+        "in_process": args.in_process,
     }
     started = time.perf_counter()
     results: Dict[str, Any] = {"settings": settings, "models": {}}
-    results["peak_matmul"] = run_worker({"kind": "matmul", "device": args.device, "threads": threads, "matmul_size": matmul_size, "matmul_repeats": 7})
+    results["peak_matmul"] = run_worker({"kind": "matmul", "device": args.device, "threads": threads, "matmul_size": matmul_size, "matmul_repeats": 7}, in_process=args.in_process)
     for key in models:
         tick = time.perf_counter()
-        results["models"][key] = run_worker({"model": key, **settings})
+        results["models"][key] = run_worker({"model": key, **settings}, in_process=args.in_process)
         print(f"[bench_window] {key}: {time.perf_counter() - tick:.1f} s", file=sys.stderr, flush=True)
     summarise(results)
     results["wall_seconds"] = time.perf_counter() - started

@@ -56,6 +56,8 @@ class EncoderConfig:
 
 
 VARIANTS: Dict[str, EncoderConfig] = {
+    # "tiny" exists for tests and smoke runs only: too small to be a useful encoder.
+    "tiny": EncoderConfig(embed_dim=48, depth=2, num_heads=2, stem_channels=8, graph_channels=(8, 16, 24), graph_depths=(1, 1, 1), fusion_after=(0, 1)),
     "small": EncoderConfig(),
     "base": EncoderConfig(embed_dim=384, depth=12, num_heads=6, graph_channels=(48, 96, 192), graph_depths=(2, 2, 2), fusion_after=(3, 7, 11)),
 }

@@ -21,7 +21,7 @@ from torch import nn
 from Med3DFMLib.models.config import EncoderConfig
 from Med3DFMLib.models.fusion import CrossPlanarDeformableAttention, reference_points
 from Med3DFMLib.models.graph import GraphBranch, Stem
-from Med3DFMLib.models.vit import PatchEmbed3d, TransformerBlock, apply_token_mask
+from Med3DFMLib.models.vit import PatchEmbed3d, TransformerBlock, apply_token_mask, checkpoint_call
 
 
 @dataclass
@@ -59,8 +59,9 @@ class DualBranchEncoder(nn.Module):
         """Channels of the pyramid levels (strides 2, 4, 8, 16)."""
         return [self.config.stem_channels, *self.config.graph_channels]
 
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> EncoderOutput:
-        """`token_mask` (B, N) True = patch hidden from both branches (masked pretraining)."""
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, checkpoint: bool = False) -> EncoderOutput:
+        """`token_mask` (B, N) True = patch hidden from both branches (masked pretraining).
+        `checkpoint` recomputes ViT blocks in the backward pass instead of storing activations."""
         multiple = self.config.window_multiple
         if any(s % multiple for s in x.shape[2:]):
             raise ValueError(f"input size {tuple(x.shape[2:])} must be a multiple of {multiple}")
@@ -73,13 +74,13 @@ class DualBranchEncoder(nn.Module):
         half, quarter = self.stem(x)
         if visible is not None:
             half = half * F.interpolate(visible.to(half.dtype), size=half.shape[2:], mode="nearest")
-        graph_maps = self.graph(quarter, visible)
+        graph_maps = self.graph(quarter, visible, checkpoint=checkpoint)
 
         token_ref = reference_points(grid, x.device)
         fusion_index = {layer: i for i, layer in enumerate(self.config.fusion_after)}
         vit_layers: List[torch.Tensor] = []
         for layer, block in enumerate(self.blocks):
-            tokens = block(tokens)
+            tokens = checkpoint_call(block, tokens) if checkpoint and self.training else block(tokens)
             if layer in fusion_index:
                 tokens = self.local_to_global[fusion_index[layer]](tokens, token_ref, graph_maps)
             vit_layers.append(tokens)

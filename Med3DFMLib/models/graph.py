@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from Med3DFMLib.models.vit import DropPath
+from Med3DFMLib.models.vit import DropPath, checkpoint_call
 
 
 def channel_norm(channels: int) -> nn.GroupNorm:
@@ -79,14 +79,14 @@ class GraphBranch(nn.Module):
             for i in range(len(channels) - 1)
         )
 
-    def forward(self, x: torch.Tensor, visible: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor, visible: Optional[torch.Tensor] = None, checkpoint: bool = False) -> List[torch.Tensor]:
         """Multi-scale node features; `visible` (B,1,d,h,w at stride 16) re-zeroes hidden regions after
         every stage so convolutions cannot carry visible context into masked patches."""
         outputs: List[torch.Tensor] = []
         for index, stage in enumerate(self.stages):
             if index > 0:
                 x = self.downsample[index - 1](x)
-            x = stage(_mask(x, visible))
+            x = checkpoint_call(stage, _mask(x, visible)) if checkpoint and self.training else stage(_mask(x, visible))
             x = _mask(x, visible)
             outputs.append(x)
         return outputs

@@ -69,6 +69,13 @@ class PatchEmbed3d(nn.Module):
         return tokens, size  # type: ignore[return-value]
 
 
+def checkpoint_call(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """Run `module` under activation checkpointing (memory for compute, for large windows)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module, *inputs, use_reentrant=False)
+
+
 def apply_token_mask(tokens: torch.Tensor, mask: Optional[torch.Tensor], mask_token: torch.Tensor) -> torch.Tensor:
     """Replace masked tokens (mask True = hidden) by the learned mask token."""
     if mask is None:

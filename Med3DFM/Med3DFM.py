@@ -1,0 +1,825 @@
+"""Med3DFM: 3D medical foundation models in 3D Slicer (segmentation; more tasks plug into the same jobs).
+
+The module holds no model code. It writes the input volume to a per-job temporary folder, runs the
+library's command line (`PythonSlicer -m Med3DFMLib.cli ...`) in a background process, shows its JSON
+progress lines, and turns the outputs (.seg.nrrd, .tsv, job record) into nodes. Everything that does
+not need Slicer lives in the Med3DFMSupport package next to this file.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Dict, List, Optional, Tuple
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, Default, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:  # a non-core MRML class: import it from its own package (see Slicer's parameter node docs)
+    from vtkSlicerSegmentationsModuleMRMLPython import vtkMRMLSegmentationNode
+except ImportError:  # pragma: no cover - older Slicer exposes it on the slicer namespace only
+    vtkMRMLSegmentationNode = slicer.vtkMRMLSegmentationNode
+
+from Med3DFMSupport import environment, jobs, results
+
+MODULE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = "hippocampus-mr-demo"
+DEVICE_LABELS = {"auto": "Automatic", "cpu": "CPU", "cuda": "GPU (CUDA)"}
+SAMPLE_NAME = "Med3DFMHippocampusMR"
+POLL_INTERVAL_MS = 200
+
+
+#
+# Med3DFM
+#
+
+
+class Med3DFM(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Med3DFM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["Med3DFM team"]
+        self.parent.helpText = _(
+            "Segment CT and MR volumes with Med3DFM, a 3D medical foundation model. Pick a volume and a model and "
+            "click <b>Segment</b>: a segmentation with named, coloured and coded segments and a table of segment "
+            "volumes appear next to the input. Jobs run in a separate process; the panel stays responsive and "
+            "<b>Cancel</b> stops a job. The <b>Models</b> section lists, downloads, imports and deletes models. "
+            "Results are for research use, not for diagnosis."
+        )
+        self.parent.acknowledgementText = _(
+            "Med3DFM is developed by the Med3DFM team. The bundled demonstration model and the self-test sample are "
+            "derived from the Medical Segmentation Decathlon Task04 Hippocampus data (Vanderbilt University Medical "
+            "Center), licensed CC BY-SA 4.0: Simpson et al. 2019 (arXiv:1902.09063) and Antonelli et al. 2022 "
+            "(Nat Commun 13:4128). Each model's licence is shown in the Models section."
+        )
+        # Sample data is registered once the application has started (SampleData must be loaded first).
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def sampleFiles() -> Tuple[Path, Path]:
+    """The self-test case shipped with the extension: (MR image, reference labels)."""
+    root = environment.library_root(MODULE_DIR)
+    folder = root / "Testing" / "Data" / "hippocampus"
+    return folder / "images" / "hippocampus_014.nii.gz", folder / "labels" / "hippocampus_014.nii.gz"
+
+
+SAMPLE_SHA256 = {
+    "hippocampus_014.nii.gz": "cb4d85b584f170d404578beb0eeeb018ee3f961db7dbc247c9ac49381bfad456",
+}
+
+
+def registerSampleData():
+    """Register the shipped hippocampus MR crop in the Sample Data module (a local file: nothing is downloaded)."""
+    import SampleData
+
+    image, _labels = sampleFiles()
+    if not image.is_file():
+        logging.warning(f"Med3DFM sample data not found: {image}")
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Med3DFM",
+        sampleName=SAMPLE_NAME,
+        sampleDescription=_("Hippocampus MR (Med3DFM demo)"),
+        thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "Med3DFM.png"),
+        uris=image.as_uri(),
+        fileNames="Med3DFMHippocampus014.nii.gz",
+        checksums="SHA256:" + SAMPLE_SHA256[image.name],
+        nodeNames="HippocampusMR",
+    )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class Med3DFMParameterNode:
+    """What the panel shows; saved with the scene.
+
+    inputVolume - the CT/MR volume to process.
+    outputSegmentation - None: a new segmentation node per run; a node: its segments are replaced.
+    modelId - registry id of the segmentation model.
+    device - "auto", "cpu" or "cuda".
+    show3D - build closed surfaces of the result.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    modelId: Annotated[str, Default(DEFAULT_MODEL)]
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"]), Default("auto")]
+    show3D: Annotated[bool, Default(True)]
+
+
+#
+# Errors
+#
+
+
+class Med3DFMJobError(RuntimeError):
+    """A job failed: a one-line message for the user, the job's error output as details."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+#
+# Med3DFMWidget
+#
+
+
+class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._modelsJob = None
+        self._timer = None
+        self._modelRows: List[results.ModelRow] = []
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/Med3DFM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = Med3DFMLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
+        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
+        self.ui.cancelModelsButton.connect("clicked(bool)", self.onCancelModelsJob)
+        self.ui.forceReinstallButton.connect("clicked(bool)", self.onForceReinstall)
+        self.ui.copyDiagnosticsButton.connect("clicked(bool)", self.onCopyDiagnostics)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollJobs)
+
+        # The model list comes from the registry file (no subprocess, no torch) so the panel opens fast.
+        self.populateModelComboBox()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        for job in (self._job, self._modelsJob):
+            if job is not None:
+                job.cancel()
+                job.cleanup()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[Med3DFMParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with the "SlicerParameterName" property in the .ui are bound to the parameter node;
+            # the model and device combo boxes are synchronised in _updateGUI.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+        self._updateGUI()
+
+    # --- GUI state -----------------------------------------------------------------------------
+
+    def populateModelComboBox(self) -> None:
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        try:
+            entries = self.logic.registryModels(task="segment")
+        except Exception as err:  # a broken registry must not break the panel
+            logging.error(f"Med3DFM: cannot read the model registry: {err}")
+            entries = []
+        for entry in entries:
+            self.ui.modelComboBox.addItem(f"{entry.get('title') or entry['id']} ({entry['id']})", entry["id"])
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+
+    def _updateGUI(self, caller=None, event=None) -> None:
+        node = self._parameterNode
+        running = self._job is not None
+        if node:
+            index = self.ui.modelComboBox.findData(node.modelId)
+            if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+                self.ui.modelComboBox.currentIndex = index
+            deviceIndex = list(DEVICE_LABELS).index(node.device)
+            if deviceIndex != self.ui.deviceComboBox.currentIndex:
+                self.ui.deviceComboBox.currentIndex = deviceIndex
+        canApply = bool(node and node.inputVolume and node.modelId) and not running
+        self.ui.applyButton.enabled = canApply
+        self.ui.applyButton.toolTip = _("Segment the input volume") if canApply else _("Select an input volume and a model")
+        self.ui.cancelButton.enabled = running
+        self.ui.estimateLabel.text = self._estimateText() if node and node.inputVolume else ""
+
+    def _estimateText(self) -> str:
+        node = self._parameterNode
+        if node.device == "cuda" or (node.device == "auto" and self.logic.cudaLikelyAvailable()):
+            return ""
+        seconds = self.logic.estimateSeconds(node.inputVolume, node.modelId)
+        if seconds is None:
+            return _("Runs on the CPU: this can take a while.")
+        return _("Runs on the CPU: expect {duration}. A CUDA GPU is much faster.").format(duration=environment.describe_duration(seconds))
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.modelId = self.ui.modelComboBox.itemData(index)
+
+    def onDeviceChanged(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.device = list(DEVICE_LABELS)[index]
+
+    # --- Segment -------------------------------------------------------------------------------
+
+    def onApplyButton(self) -> None:
+        node = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start Med3DFM."), waitCursor=True):
+            if not self.logic.ensureDependencies(askConfirmation=True):
+                self.ui.statusLabel.text = _("Python packages are missing: segmentation was not started.")
+                return
+            self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation)
+            self._job.context["show3D"] = node.show3D
+            self._setProgress(self.ui.progressBar, 0, _("Starting..."))
+            self.ui.statusLabel.text = _("Starting...")
+            self._timer.start()
+        self._updateGUI()
+
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+
+    def onPollJobs(self) -> None:
+        if self._job is not None:
+            self._pollSegmentJob()
+        if self._modelsJob is not None:
+            self._pollModelsJob()
+        if self._job is None and self._modelsJob is None:
+            self._timer.stop()
+
+    def _pollSegmentJob(self) -> None:
+        job = self._job
+        for event in job.poll():
+            if event.kind == "progress":
+                self._setProgress(self.ui.progressBar, event.overall, event.message or event.stage)
+                self.ui.statusLabel.text = event.message or event.stage
+        if not job.finished:
+            return
+        self._job = None
+        self.ui.progressBar.visible = False
+        try:
+            if job.cancelled:
+                self.ui.statusLabel.text = _("Cancelled.")
+                return
+            segmentationNode, tableNode = self.logic.finishSegment(job, show3D=job.context.get("show3D", False))
+            result = job.result()
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: {name}").format(seconds=result.seconds, name=segmentationNode.GetName())
+            if tableNode is not None:
+                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
+        except Med3DFMJobError as err:
+            self.ui.statusLabel.text = _("Failed: {message}").format(message=str(err))
+            slicer.util.errorDisplay(_("Segmentation failed: {message}").format(message=str(err)), detailedText=err.details)
+        except Exception as err:
+            import traceback
+
+            self.ui.statusLabel.text = _("Failed: {message}").format(message=str(err))
+            slicer.util.errorDisplay(_("Loading the results failed: {message}").format(message=str(err)), detailedText=traceback.format_exc())
+        finally:
+            job.cleanup()
+            self._updateGUI()
+
+    @staticmethod
+    def _setProgress(bar, fraction: float, text: str) -> None:
+        bar.visible = True
+        bar.value = int(round(100 * fraction))
+        bar.setFormat(f"%p% {text}")
+
+    # --- Models --------------------------------------------------------------------------------
+
+    def refreshModels(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to list models."), waitCursor=True):
+            self._modelRows = results.model_rows(self.logic.listModels())
+            table = self.ui.modelsTableWidget
+            table.setRowCount(len(self._modelRows))
+            for row, model in enumerate(self._modelRows):
+                cells = [model.title or model.id, model.version, model.task, model.licence, model.size,
+                         _("yes ({where})").format(where=model.where) if model.installed else model.where]
+                for column, text in enumerate(cells):
+                    cell = qt.QTableWidgetItem(text)
+                    cell.setToolTip(f"{model.id}@{model.version}" + (f"\n{model.path}" if model.path else ""))
+                    table.setItem(row, column, cell)
+            table.resizeColumnsToContents()
+            self.ui.modelsStatusLabel.text = _("Model folder: {folder}").format(folder=self.logic.modelsFolder())
+        self.populateModelComboBox()
+        self._updateGUI()
+
+    def _selectedModel(self) -> Optional[results.ModelRow]:
+        row = self.ui.modelsTableWidget.currentRow()
+        if row < 0 or row >= len(self._modelRows):
+            slicer.util.warningDisplay(_("Select a model in the table first."))
+            return None
+        return self._modelRows[row]
+
+    def onDownloadModel(self) -> None:
+        model = self._selectedModel()
+        if model is None or self._modelsJob is not None:
+            return
+        self._modelsJob = self.logic.startModelsJob("download", [f"{model.id}@{model.version}"])
+        self._setProgress(self.ui.modelsProgressBar, 0, _("Downloading {id}").format(id=model.id))
+        self.ui.cancelModelsButton.enabled = True
+        self._timer.start()
+
+    def onImportModel(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import a Med3DFM model"), "", _("Models (*.safetensors *.zip)"))
+        if not path or self._modelsJob is not None:
+            return
+        self._modelsJob = self.logic.startModelsJob("import", [path])
+        self._setProgress(self.ui.modelsProgressBar, 0, _("Importing {name}").format(name=os.path.basename(path)))
+        self.ui.cancelModelsButton.enabled = True
+        self._timer.start()
+
+    def onRemoveModel(self) -> None:
+        model = self._selectedModel()
+        if model is None:
+            return
+        if not slicer.util.confirmOkCancelDisplay(_("Delete {id} {version} from the model folder? Bundled copies stay.").format(id=model.id, version=model.version)):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to delete the model."), waitCursor=True):
+            self.logic.removeModel(f"{model.id}@{model.version}")
+        self.refreshModels()
+
+    def onOpenModelsFolder(self) -> None:
+        folder = self.logic.modelsFolder()
+        folder.mkdir(parents=True, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    def onCancelModelsJob(self) -> None:
+        if self._modelsJob is not None:
+            self._modelsJob.cancel()
+
+    def _pollModelsJob(self) -> None:
+        job = self._modelsJob
+        for event in job.poll():
+            if event.kind == "progress":
+                self._setProgress(self.ui.modelsProgressBar, event.overall, event.message or event.stage)
+            elif event.kind == "result":
+                self.ui.modelsStatusLabel.text = _("{id}: {result}").format(id=event.data.get("id", ""), result=event.stage)
+        if not job.finished:
+            return
+        self._modelsJob = None
+        self.ui.modelsProgressBar.visible = False
+        self.ui.cancelModelsButton.enabled = False
+        result = job.result()
+        self.logic.rememberJob(result)
+        if result.cancelled:
+            self.ui.modelsStatusLabel.text = _("Cancelled (a partial download resumes next time).")
+        elif not result.ok:
+            self.ui.modelsStatusLabel.text = _("Failed: {message}").format(message=result.error)
+            slicer.util.errorDisplay(_("Model operation failed: {message}").format(message=result.error), detailedText=result.stderr)
+        self.refreshModels()
+
+    # --- Troubleshooting -----------------------------------------------------------------------
+
+    def onForceReinstall(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Reinstalling the Python packages failed."), waitCursor=True):
+            if self.logic.ensureDependencies(askConfirmation=True, force=True):
+                slicer.util.infoDisplay(_("The Python packages were reinstalled. Restart Slicer if a package was already in use."))
+
+    def onCopyDiagnostics(self) -> None:
+        text = self.logic.diagnostics()
+        qt.QApplication.clipboard().setText(text)
+        slicer.util.infoDisplay(_("Diagnostics copied to the clipboard."), detailedText=text)
+
+
+#
+# Med3DFMLogic
+#
+
+
+class Med3DFMLogic(ScriptedLoadableModuleLogic):
+    """Segment volumes with Med3DFM from scripts or the panel.
+
+    Scripts::
+
+        logic = Med3DFMLogic()
+        segmentationNode, tableNode = logic.segment(volumeNode, "hippocampus-mr-demo", device="auto")
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.libraryRoot = environment.ensure_library_importable(MODULE_DIR)
+        self.resources = environment.resources_dir(self.libraryRoot)
+        self.lastJob: Optional[Dict[str, Any]] = None
+        self._dependenciesOk = False
+
+    def getParameterNode(self):
+        return Med3DFMParameterNode(super().getParameterNode())
+
+    # --- environment ---------------------------------------------------------------------------
+
+    def pythonExecutable(self) -> str:
+        return environment.python_executable(slicer.app.slicerHome)
+
+    def jobEnvironment(self) -> Dict[str, str]:
+        return environment.job_environment(os.environ, self.libraryRoot)
+
+    def registryPath(self) -> Path:
+        return self.resources / "models.json"
+
+    def registryModels(self, task: Optional[str] = None) -> List[Dict[str, Any]]:
+        registry = environment.read_registry(self.registryPath())
+        return [m for m in registry.get("models", []) if task is None or m.get("task") == task]
+
+    def modelsFolder(self) -> Path:
+        from Med3DFMLib.registry.cache import models_home  # torch-free
+
+        return models_home()
+
+    def requirements(self) -> List[str]:
+        return environment.read_requirements(self.resources / "requirements.txt")
+
+    def missingRequirements(self) -> List[str]:
+        try:
+            from packaging.requirements import Requirement
+        except ImportError:  # pragma: no cover - Slicer ships packaging
+            Requirement = None
+        missing = []
+        for text in self.requirements():
+            name = environment.requirement_name(text)
+            installed = environment.installed_versions([name])[name]
+            if installed is None:
+                missing.append(text)
+            elif Requirement is not None and installed not in Requirement(text).specifier:
+                missing.append(text)
+        return missing
+
+    @staticmethod
+    def torchInstalled() -> bool:
+        return environment.installed_versions(["torch"])["torch"] is not None
+
+    def cudaLikelyAvailable(self) -> bool:
+        """Without importing torch: torch already imported and seeing CUDA, or an NVIDIA driver present."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            try:
+                return bool(torch.cuda.is_available())
+            except Exception:
+                return False
+        import shutil
+
+        return shutil.which("nvidia-smi") is not None
+
+    def ensureDependencies(self, askConfirmation: bool = True, force: bool = False) -> bool:
+        """Install what the jobs need into Slicer's Python, on the main thread, after one consent dialog.
+
+        PyTorch comes through the PyTorch extension's helper (it picks the CUDA build that matches the
+        driver); the rest from Resources/requirements.txt. Packages Slicer ships are never replaced.
+        Returns False if the user declined or something is still missing.
+        """
+        if self._dependenciesOk and not force:
+            return True
+        missing = self.requirements() if force else self.missingRequirements()
+        needTorch = not self.torchInstalled()
+        if not missing and not needTorch:
+            self._dependenciesOk = True
+            return True
+        if askConfirmation and not slicer.app.testingEnabled():
+            items = (["torch (through the PyTorch extension)"] if needTorch else []) + missing
+            message = _(
+                "Med3DFM needs these Python packages in Slicer's Python environment:\n\n{packages}\n\n"
+                "They are downloaded from the Python Package Index (several hundred MB for PyTorch). Continue?"
+            ).format(packages="\n".join("  • " + item for item in items))
+            if not slicer.util.confirmOkCancelDisplay(message, _("Med3DFM: install Python packages")):
+                return False
+        elif slicer.app.testingEnabled() and (missing or needTorch):
+            raise RuntimeError(f"Med3DFM: Python packages missing in testing mode (not installed automatically): {missing + (['torch'] if needTorch else [])}")
+        if needTorch:
+            self._installTorch()
+        if missing:
+            self._pipInstall(missing, force)
+        self._dependenciesOk = not self.missingRequirements() and self.torchInstalled()
+        return self._dependenciesOk
+
+    @staticmethod
+    def _installTorch() -> None:
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError(_("Med3DFM needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, restart Slicer and try again."))
+        # Consent was given in our own dialog already.
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+        if torch is None:
+            raise RuntimeError(_("PyTorch was not installed."))
+
+    @staticmethod
+    def _pipInstall(requirements: List[str], force: bool) -> None:
+        packaging = getattr(slicer, "packaging", None) or getattr(slicer, "pydeps", None)
+        if packaging is not None and hasattr(packaging, "pip_ensure") and not force:
+            packaging.pip_ensure(requirements, prompt_install=False, requester="Med3DFM")
+            return
+        arguments = (["--force-reinstall", "--no-deps"] if force else []) + requirements
+        slicer.util.pip_install(arguments)
+
+    def rememberJob(self, result: "jobs.JobResult") -> None:
+        self.lastJob = result.as_dict()
+
+    def diagnostics(self) -> str:
+        info = {
+            "Slicer": f"{slicer.app.applicationVersion} ({slicer.app.repositoryRevision})",
+            "Slicer home": slicer.app.slicerHome,
+            "job interpreter": self.pythonExecutable(),
+            "Med3DFM library": str(self.libraryRoot / "Med3DFMLib"),
+            "model registry": str(self.registryPath()),
+            "model folder": str(self.modelsFolder()),
+            "CUDA (likely)": "yes" if self.cudaLikelyAvailable() else "no",
+        }
+        names = ["torch"] + [environment.requirement_name(r) for r in self.requirements()]
+        return environment.diagnostics_text(info, self.lastJob, environment.installed_versions(names))
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def _newJobFolder(self) -> Path:
+        base = slicer.app.temporaryPath or tempfile.gettempdir()
+        Path(base).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="Med3DFM-", dir=base))
+
+    @staticmethod
+    def writeVolume(volumeNode, path: Path) -> None:
+        """Write a volume without changing the node's own storage (its file name stays the user's)."""
+        storageNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        try:
+            storageNode.SetFileName(str(path))
+            storageNode.UseCompressionOff()
+            if not storageNode.WriteData(volumeNode):
+                raise RuntimeError(f"could not write {volumeNode.GetName()} to {path}")
+        finally:
+            storageNode.UnRegister(None)
+
+    def startSegment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None) -> "jobs.Job":
+        """Start a segment job in the background; poll it with job.poll(), then call finishSegment(job)."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise ValueError(_("The input volume has no image data."))
+        folder = self._newJobFolder()
+        try:
+            inputPath = folder / "input.nrrd"
+            self.writeVolume(volumeNode, inputPath)
+            output = folder / "result.seg.nrrd"
+            table = folder / "result.tsv"
+            command = jobs.segment_command(self.pythonExecutable(), inputPath, output, modelId, device, table=table, registry=None)
+            job = jobs.Job(command, kind="segment", env=self.jobEnvironment(), cwd=str(folder), temp_dir=folder)
+            job.context.update(volumeNode=volumeNode, modelId=modelId, output=output, outputSegmentationNode=outputSegmentationNode)
+            job.start()
+        except Exception:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        logging.info("Med3DFM job: " + subprocess.list2cmdline(command))
+        return job
+
+    def finishSegment(self, job: "jobs.Job", show3D: bool = False):
+        """Turn a finished segment job's files into nodes: (segmentation node, table node)."""
+        result = job.result()
+        self.rememberJob(result)
+        if result.cancelled:
+            raise Med3DFMJobError(_("cancelled"), result.stderr)
+        if not result.ok:
+            raise Med3DFMJobError(result.error or _("the job failed"), result.stderr)
+        segmentResult = results.SegmentResult.from_outputs(result.outputs, job.context["output"])
+        return self.loadSegmentResult(segmentResult, job.context["volumeNode"], job.context.get("outputSegmentationNode"), show3D)
+
+    def segment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None,
+                show3D: bool = False, timeout: Optional[float] = None):
+        """Segment synchronously (scripts, tests): returns (segmentation node, table node)."""
+        job = self.startSegment(volumeNode, modelId, device, outputSegmentationNode)
+        try:
+            job.wait(timeout=timeout)
+            return self.finishSegment(job, show3D=show3D)
+        finally:
+            job.cleanup()
+
+    def loadSegmentResult(self, segmentResult: "results.SegmentResult", volumeNode, outputSegmentationNode=None, show3D: bool = False):
+        loaded = slicer.util.loadSegmentation(str(segmentResult.segmentation))
+        if loaded is None:
+            raise RuntimeError(f"Slicer could not load {segmentResult.segmentation.name}")
+        entry = environment.registry_entry(environment.read_registry(self.registryPath()), f"{segmentResult.model_id}@{segmentResult.model_version}")
+        self.applySegmentDisplay(loaded, results.segment_display_info(entry) if entry else [])
+        if outputSegmentationNode is not None and outputSegmentationNode is not loaded:
+            # The user chose this node as the output: its segments are replaced by the result.
+            target = outputSegmentationNode.GetSegmentation()
+            target.RemoveAllSegments()
+            source = loaded.GetSegmentation()
+            for index in range(source.GetNumberOfSegments()):
+                target.CopySegmentFromSegmentation(source, source.GetNthSegmentID(index))
+            slicer.mrmlScene.RemoveNode(loaded)
+            segmentationNode = outputSegmentationNode
+        else:
+            segmentationNode = loaded
+            segmentationNode.SetName(f"{volumeNode.GetName()} {segmentResult.model_id}")
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentationNode.CreateDefaultDisplayNodes()
+        if show3D:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+
+        tableNode = self.loadTable(segmentResult, f"{volumeNode.GetName()} {segmentResult.model_id} volumes") if segmentResult.table else None
+
+        modelText = f"{segmentResult.model_id}@{segmentResult.model_version}"
+        for node in (segmentationNode, tableNode):
+            if node is not None:
+                node.SetAttribute(results.PROVENANCE_ATTRIBUTE, segmentResult.provenance)
+                node.SetAttribute(results.MODEL_ATTRIBUTE, modelText)
+        self.placeBesideInput(volumeNode, [segmentationNode, tableNode])
+        return segmentationNode, tableNode
+
+    @staticmethod
+    def segmentTerminology(segment) -> str:
+        getter = getattr(segment, "GetTerminology", None)
+        if getter is not None:
+            return getter() or ""
+        value = vtk.mutable("") if hasattr(vtk, "mutable") else None
+        if value is not None and segment.GetTag("TerminologyEntry", value):
+            return str(value)
+        return ""
+
+    def applySegmentDisplay(self, segmentationNode, display: List["results.SegmentDisplay"]) -> None:
+        """Names, colours and terminology as the registry says (the .seg.nrrd normally carries them already)."""
+        segmentation = segmentationNode.GetSegmentation()
+        for index, info in enumerate(display):
+            if index >= segmentation.GetNumberOfSegments():
+                break
+            segment = segmentation.GetNthSegment(index)
+            if segment.GetName() != info.name:
+                segment.SetName(info.name)
+            if any(abs(a - b) > 1e-3 for a, b in zip(segment.GetColor(), info.color)):
+                segment.SetColor(*info.color)
+            if info.terminology and self.segmentTerminology(segment) != info.terminology:
+                segment.SetTag("TerminologyEntry", info.terminology)
+
+    @staticmethod
+    def loadTable(segmentResult: "results.SegmentResult", name: str):
+        """A table node from the job's .tsv, with the model id and version on every row."""
+        _comments, columns, rows = results.read_tsv(segmentResult.table)
+        tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        header = ["model", "model version"] + columns
+        values = [[segmentResult.model_id, segmentResult.model_version] + row for row in rows]
+        for index, columnName in enumerate(header):
+            cells = [row[index] for row in values]
+            if all(isinstance(c, int) for c in cells):
+                array = vtk.vtkIntArray()
+            elif all(isinstance(c, (int, float)) for c in cells):
+                array = vtk.vtkDoubleArray()
+            else:
+                array = vtk.vtkStringArray()
+                cells = [str(c) for c in cells]
+            array.SetName(columnName)
+            for cell in cells:
+                array.InsertNextValue(cell)
+            tableNode.AddColumn(array)
+        tableNode.Modified()
+        return tableNode
+
+    @staticmethod
+    def placeBesideInput(volumeNode, nodes) -> None:
+        """Put the outputs in the input's study (its parent in the Subject Hierarchy)."""
+        shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+        parent = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
+        if not parent:
+            return
+        for node in nodes:
+            if node is not None:
+                shNode.SetItemParent(shNode.GetItemByDataNode(node), parent)
+
+    # --- models --------------------------------------------------------------------------------
+
+    def _runModelsCommand(self, action: str, arguments: List[str], timeout: float = 120) -> subprocess.CompletedProcess:
+        command = jobs.models_command(self.pythonExecutable(), action, arguments)
+        kwargs: Dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+        completed = subprocess.run(command, env=self.jobEnvironment(), capture_output=True, text=True, encoding="utf-8",
+                                   errors="replace", timeout=timeout, **kwargs)
+        self.lastJob = {"command": command, "returncode": completed.returncode, "stderr": completed.stderr,
+                        "error": None if completed.returncode == 0 else (completed.stderr.strip().splitlines() or ["failed"])[-1]}
+        if completed.returncode != 0:
+            raise Med3DFMJobError(self.lastJob["error"], completed.stderr)
+        return completed
+
+    def listModels(self) -> List[Dict[str, Any]]:
+        """`models list --json`, run as a job (the registry code stays out of Slicer's process)."""
+        return json.loads(self._runModelsCommand("list", []).stdout)
+
+    def removeModel(self, spec: str) -> None:
+        self._runModelsCommand("remove", [spec])
+
+    def startModelsJob(self, action: str, arguments: List[str]) -> "jobs.Job":
+        """`models download|import ...` in the background, with progress; poll like a segment job."""
+        command = jobs.models_command(self.pythonExecutable(), action, arguments)
+        return jobs.Job(command, kind="models", env=self.jobEnvironment()).start()
+
+    def estimateSeconds(self, volumeNode, modelId: str) -> Optional[float]:
+        entry = environment.registry_entry(environment.read_registry(self.registryPath()), modelId)
+        imageData = volumeNode.GetImageData() if volumeNode else None
+        if not entry or imageData is None:
+            return None
+        return environment.estimate_cpu_seconds(imageData.GetDimensions(), volumeNode.GetSpacing(), entry.get("input", {}))
+
+
+#
+# Med3DFMTest
+#
+
+
+class Med3DFMTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: the shipped hippocampus sample through the real job, checked against its labels."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_sample()
+
+    def test_segment_sample(self):
+        import numpy as np
+        import SampleData
+
+        self.delayDisplay("Loading the sample")
+        registerSampleData()
+        volumeNode = SampleData.downloadSample(SAMPLE_NAME)
+        self.assertIsNotNone(volumeNode)
+        _image, labelsPath = sampleFiles()
+        referenceNode = slicer.util.loadLabelVolume(str(labelsPath))
+        reference = slicer.util.arrayFromVolume(referenceNode)
+
+        self.delayDisplay("Segmenting (a background job)")
+        logic = Med3DFMLogic()
+        segmentationNode, tableNode = logic.segment(volumeNode, DEFAULT_MODEL, device="auto", timeout=600)
+
+        segmentation = segmentationNode.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, ["anterior hippocampus", "posterior hippocampus"])
+        for value, name in enumerate(names, start=1):
+            segmentId = segmentation.GetSegmentIdBySegmentName(name)
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode) > 0
+            truth = reference == value
+            dice = 2.0 * np.logical_and(mask, truth).sum() / max(1, mask.sum() + truth.sum())
+            self.delayDisplay(f"{name}: Dice {dice:.3f}")
+            self.assertGreater(dice, 0.7)
+        self.assertEqual(tableNode.GetNumberOfRows(), 2)
+        record = json.loads(segmentationNode.GetAttribute(results.PROVENANCE_ATTRIBUTE))
+        self.assertEqual(record["model"]["id"], DEFAULT_MODEL)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,38 @@
+"""Everything the Med3DFM Slicer module does that needs neither Slicer nor Qt.
+
+Building job command lines, running a job in a background process and reading its JSON progress
+lines, reading the job record and table, turning registry labels into Slicer terminology strings,
+estimating CPU run time and writing the diagnostics text. The module file (Med3DFM.py) only turns
+nodes into files, calls these, and turns files back into nodes; this package is tested without
+Slicer (Testing/Python/test_slicer_module.py).
+
+This is a sub-package, not a top-level .py file, because Slicer loads every top-level .py file in
+a scripted-module folder as a module of its own.
+"""
+
+from Med3DFMSupport.environment import (  # noqa: F401
+    MODULE_NAME,
+    diagnostics_text,
+    ensure_library_importable,
+    estimate_cpu_seconds,
+    job_environment,
+    library_root,
+    read_requirements,
+    resources_dir,
+)
+from Med3DFMSupport.jobs import (  # noqa: F401
+    Job,
+    JobEvent,
+    JobResult,
+    models_command,
+    parse_progress_line,
+    segment_command,
+)
+from Med3DFMSupport.results import (  # noqa: F401
+    SegmentResult,
+    read_job_record,
+    read_tsv,
+    record_path_for,
+    segment_display_info,
+    terminology_string,
+)

@@ -1,0 +1,181 @@
+"""Where things are (library, resources, PythonSlicer), what must be installed, how long a job takes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+MODULE_NAME = "Med3DFM"
+
+# Seconds one 64³ window of the demo-sized encoder takes on two CPU threads (measured with
+# `med3dfm segment --device cpu` on hippocampus_014, first window included), and the fixed cost of a
+# job: starting Python, importing torch and MONAI, reading the model.
+SECONDS_PER_64CUBE_WINDOW_2_THREADS = 2.0
+JOB_OVERHEAD_SECONDS = 6.0
+
+
+def library_root(module_dir: Path) -> Path:
+    """The folder that holds `Med3DFMLib/` and `Resources/`.
+
+    Installed extension: the module's own folder (qt-scripted-modules/ holds Med3DFM.py, Med3DFMLib/
+    and Resources/). Source checkout (Developer mode, module path = <repo>/Med3DFM): the repository.
+    """
+    module_dir = Path(module_dir).resolve()
+    for candidate in (module_dir, module_dir.parent):
+        if (candidate / "Med3DFMLib" / "__init__.py").is_file():
+            return candidate
+    raise FileNotFoundError(f"Med3DFMLib not found beside {module_dir} or in its parent folder")
+
+
+def resources_dir(root: Path) -> Path:
+    return Path(root) / "Resources"
+
+
+def ensure_library_importable(module_dir: Path) -> Path:
+    """Put the library's parent folder on sys.path (a source checkout needs it) and return it."""
+    root = library_root(module_dir)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
+def python_executable(slicer_home: Optional[str] = None, which: Callable[[str], Optional[str]] = shutil.which) -> str:
+    """The interpreter that runs jobs: Slicer's `PythonSlicer` (same packages as Slicer itself).
+
+    Slicer puts its bin folder on PATH, so `which` finds it; otherwise look in <slicerHome>/bin. Outside
+    Slicer (tests, a plain Python) the current interpreter is used.
+    """
+    found = which("PythonSlicer")
+    if found:
+        return found
+    if slicer_home:
+        name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+        candidate = Path(slicer_home) / "bin" / name
+        if candidate.is_file():
+            return str(candidate)
+    return sys.executable
+
+
+def job_environment(base: Mapping[str, str], root: Path, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The environment of a job: the library importable, output unbuffered and UTF-8."""
+    env = dict(base)
+    paths = [str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(root)]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def read_requirements(path: Path) -> List[str]:
+    """Requirement strings of a requirements.txt: comments, blank lines and pip options left out."""
+    requirements = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if line and not line.startswith(("#", "-")):
+            requirements.append(line)
+    return requirements
+
+
+def requirement_name(requirement: str) -> str:
+    """`monai>=1.3` → `monai` (the distribution name, as pip and importlib.metadata know it)."""
+    name = requirement
+    for separator in ("[", ";", "<", ">", "=", "!", "~", " "):
+        name = name.split(separator, 1)[0]
+    return name.strip()
+
+
+def read_registry(path: Path) -> Dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def registry_entry(registry: Mapping[str, Any], model_id: str) -> Optional[Dict[str, Any]]:
+    """The newest entry of `model_id` (or `id@version`) in a models.json document."""
+    wanted_id, _, wanted_version = model_id.partition("@")
+    entries = [m for m in registry.get("models", []) if m.get("id") == wanted_id and (not wanted_version or m.get("version") == wanted_version)]
+    if not entries:
+        return None
+
+    def version_key(entry: Mapping[str, Any]) -> tuple:
+        return tuple(int(p) if p.isdigit() else 0 for p in str(entry.get("version", "0")).split("."))
+
+    return dict(max(entries, key=version_key))
+
+
+def _count_windows(shape: Sequence[int], window: Sequence[int], overlap: float) -> int:
+    total = 1
+    for size, roi in zip(shape, window):
+        size = max(size, roi)
+        interval = max(int(roi * (1.0 - overlap)), 1) if size > roi else roi
+        total *= int(math.ceil((size - roi) / interval)) + 1
+    return total
+
+
+def estimate_cpu_seconds(size: Sequence[int], spacing: Sequence[float], model_input: Mapping[str, Any], overlap: float = 0.25, threads: Optional[int] = None) -> float:
+    """Rough CPU run time of a segment job: windows on the model grid × seconds per window + start-up.
+
+    `size`/`spacing` are the volume's (i, j, k) and mm; `model_input` is the registry's `input` block
+    (spacing, window). Shown to the user before a CPU run, so it errs on the long side.
+    """
+    model_spacing = model_input.get("spacing") or spacing
+    window = model_input.get("window") or [96, 96, 96]
+    shape = [max(1, int(round(n * s / ms))) for n, s, ms in zip(size, spacing, model_spacing)]
+    windows = _count_windows(shape, window, overlap)
+    threads = threads or os.cpu_count() or 2
+    speedup = max(1.0, min(threads, 16) / 2.0) ** 0.8  # threads help, but far from linearly
+    per_window = SECONDS_PER_64CUBE_WINDOW_2_THREADS * (float(window[0]) * window[1] * window[2] / 64.0 ** 3) / speedup
+    return JOB_OVERHEAD_SECONDS + windows * per_window
+
+
+def describe_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {int(round(max(seconds, 1) / 5.0) * 5) or 5} s"
+    if seconds < 90 * 60:
+        return f"about {int(round(seconds / 60.0))} min"
+    return f"about {seconds / 3600.0:.1f} h"
+
+
+def diagnostics_text(info: Mapping[str, Any], last_job: Optional[Mapping[str, Any]] = None, package_versions: Optional[Mapping[str, Optional[str]]] = None) -> str:
+    """Plain text for the clipboard: what a maintainer needs to understand a problem report."""
+    lines = ["Med3DFM diagnostics", "==================="]
+    base = {
+        "platform": platform.platform(),
+        "python (Slicer)": sys.version.split()[0],
+        "python executable": sys.executable,
+    }
+    base.update(info)
+    width = max(len(k) for k in base)
+    lines += [f"{key.ljust(width)} : {value}" for key, value in base.items()]
+    if package_versions:
+        lines += ["", "Python packages (Slicer's environment)"]
+        lines += [f"  {name}: {version or 'not installed'}" for name, version in package_versions.items()]
+    if last_job:
+        lines += ["", "Last job"]
+        lines.append(f"  command    : {' '.join(str(a) for a in last_job.get('command', []))}")
+        lines.append(f"  exit code  : {last_job.get('returncode')}")
+        if last_job.get("error"):
+            lines.append(f"  error      : {last_job['error']}")
+        stderr = (last_job.get("stderr") or "").rstrip()
+        if stderr:
+            lines += ["  stderr (last lines):"] + ["    " + line for line in stderr.splitlines()[-60:]]
+    return "\n".join(lines) + "\n"
+
+
+def installed_versions(names: Iterable[str]) -> Dict[str, Optional[str]]:
+    """Installed distribution versions (None if absent), without importing the packages."""
+    from importlib import metadata
+
+    versions: Dict[str, Optional[str]] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

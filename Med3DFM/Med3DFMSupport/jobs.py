@@ -1,0 +1,332 @@
+"""Background jobs: the `med3dfm` command line of each job, a runner, and its JSON progress lines.
+
+A job is one `PythonSlicer -m Med3DFMLib.cli ...` process. Its stdout carries one JSON object per line
+(`--progress json`): {"stage", "fraction", "message", ...}, ending with {"stage": "done", "outputs": ...}
+or {"stage": "error", "message": ...}; `models download/import` also print {"result": ...} lines.
+Reader threads put the lines on queues; the caller drains them with `poll()` (the Slicer panel from a
+QTimer, so the UI never blocks) or waits with `wait()` (scripts and tests).
+
+New commands (classify, learn, explain) plug in by adding a command builder and a stage table: the
+runner, parsing, cancel and clean-up are shared.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+
+CLI_MODULE = "Med3DFMLib.cli"
+DEVICES = ("auto", "cpu", "cuda")
+
+# Where each stage of a command sits in the overall progress bar: stage -> (start, end).
+STAGE_SPANS: Dict[str, Dict[str, Tuple[float, float]]] = {
+    "segment": {
+        "load": (0.0, 0.05),
+        "model": (0.05, 0.10),
+        "download": (0.10, 0.30),
+        "preprocess": (0.30, 0.35),
+        "infer": (0.35, 0.90),
+        "postprocess": (0.90, 0.95),
+        "write": (0.95, 1.0),
+        "done": (1.0, 1.0),
+    },
+    "models": {"download": (0.0, 1.0), "import": (0.0, 1.0), "done": (1.0, 1.0)},
+}
+
+
+def segment_command(
+    python: str,
+    input_path: Path,
+    output: Path,
+    model: str,
+    device: str = "auto",
+    table: Optional[Path] = None,
+    labelmap: Optional[Path] = None,
+    registry: Optional[str] = None,
+    overwrite: bool = False,
+) -> List[str]:
+    """`PythonSlicer -m Med3DFMLib.cli segment INPUT -o OUT.seg.nrrd ... --progress json`."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if not str(output).lower().endswith(".seg.nrrd"):
+        raise ValueError(f"the segmentation output must end in .seg.nrrd: {output}")
+    command = [python, "-m", CLI_MODULE, "segment", str(input_path), "-o", str(output), "--model", model, "--device", device]
+    if table is not None:
+        command += ["--table", str(table)]
+    if labelmap is not None:
+        command += ["--labelmap", str(labelmap)]
+    if registry:
+        command += ["--registry", str(registry)]
+    if not overwrite:
+        command.append("--no-overwrite")
+    return command + ["--progress", "json"]
+
+
+def models_command(python: str, action: str, arguments: Sequence[str] = (), registry: Optional[str] = None) -> List[str]:
+    """`PythonSlicer -m Med3DFMLib.cli models ACTION ...`: list --json, download, import, remove, verify."""
+    if action not in ("list", "download", "import", "remove", "verify"):
+        raise ValueError(f"unknown models action {action!r}")
+    command = [python, "-m", CLI_MODULE, "models", action, *[str(a) for a in arguments]]
+    if action in ("list", "verify"):
+        command.append("--json")
+    if action in ("download", "import"):
+        command += ["--progress", "json"]
+    if registry:
+        command += ["--registry", str(registry)]
+    return command
+
+
+@dataclass
+class JobEvent:
+    """One line of a job's stdout, understood."""
+
+    kind: str  # "progress" | "done" | "error" | "result" | "text"
+    stage: str = ""
+    fraction: float = 0.0
+    overall: float = 0.0
+    message: str = ""
+    data: Dict[str, Any] = field(default_factory=dict)
+
+
+def parse_progress_line(line: str, command: str = "segment") -> JobEvent:
+    """Understand one stdout line; anything that is not a JSON progress object is kept as text."""
+    text = line.strip()
+    try:
+        data = json.loads(text) if text.startswith("{") else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return JobEvent("text", message=text)
+    if "stage" not in data:
+        if "result" in data:
+            return JobEvent("result", stage=str(data["result"]), message=str(data.get("id", "")), data=data)
+        return JobEvent("text", message=text, data=data)
+    stage = str(data["stage"])
+    try:
+        fraction = min(max(float(data.get("fraction", 0.0)), 0.0), 1.0)
+    except (TypeError, ValueError):
+        fraction = 0.0
+    message = str(data.get("message", ""))
+    if stage == "error":
+        return JobEvent("error", stage, 1.0, 1.0, message, data)
+    if stage == "done":
+        return JobEvent("done", stage, 1.0, 1.0, message, data)
+    start, end = STAGE_SPANS.get(command, {}).get(stage, (0.0, 1.0))
+    return JobEvent("progress", stage, fraction, start + (end - start) * fraction, message, data)
+
+
+@dataclass
+class JobResult:
+    command: List[str]
+    returncode: Optional[int]
+    cancelled: bool
+    outputs: Dict[str, str]
+    error: Optional[str]
+    stderr: str
+    stdout_text: List[str]
+    results: List[Dict[str, Any]]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.cancelled and self.error is None
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"command": self.command, "returncode": self.returncode, "cancelled": self.cancelled,
+                "error": self.error, "stderr": self.stderr, "outputs": self.outputs, "seconds": round(self.seconds, 2)}
+
+
+class Job:
+    """One background process running the library's CLI, with progress, cancel and a temporary folder.
+
+    `temp_dir` (created by the caller, holding the job's inputs and outputs) is removed by `cleanup()`.
+    """
+
+    STDERR_LINES_KEPT = 400
+
+    def __init__(self, command: Sequence[str], kind: str = "segment", env: Optional[Mapping[str, str]] = None,
+                 cwd: Optional[str] = None, temp_dir: Optional[Path] = None) -> None:
+        self.command = [str(c) for c in command]
+        self.kind = kind
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.temp_dir = Path(temp_dir) if temp_dir is not None else None
+        self.process: Optional[subprocess.Popen] = None
+        self.cancelled = False
+        self.events: List[JobEvent] = []
+        self.context: Dict[str, Any] = {}  # what the caller needs to turn outputs into nodes
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._stderr: Deque[str] = collections.deque(maxlen=self.STDERR_LINES_KEPT)
+        self._threads: List[threading.Thread] = []
+        self._stdout_closed = False
+        self._started = 0.0
+        self._finished_at: Optional[float] = None
+        self._outputs: Dict[str, str] = {}
+        self._error: Optional[str] = None
+        self._results: List[Dict[str, Any]] = []
+        self._text: List[str] = []
+
+    # --- running ---------------------------------------------------------------------------
+
+    def start(self) -> "Job":
+        kwargs: Dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1)
+        if os.name == "nt":
+            # no console window; own process group so that Cancel reaches the whole tree
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) | subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True
+        self._started = time.monotonic()
+        self.process = subprocess.Popen(self.command, **kwargs)
+        self._threads = [
+            threading.Thread(target=self._read_stdout, name="Med3DFM job stdout", daemon=True),
+            threading.Thread(target=self._read_stderr, name="Med3DFM job stderr", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _read_stdout(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\r\n"))
+        self._lines.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for line in self.process.stderr:
+            self._stderr.append(line.rstrip("\r\n"))
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and (self.process.poll() is None or not self._stdout_closed)
+
+    @property
+    def finished(self) -> bool:
+        return self.process is not None and self.process.poll() is not None and self._stdout_closed
+
+    def poll(self) -> List[JobEvent]:
+        """Events that arrived since the last call; never blocks."""
+        new: List[JobEvent] = []
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._stdout_closed = True
+                continue
+            if not line.strip():
+                continue
+            event = parse_progress_line(line, self.kind)
+            if event.kind == "done":
+                self._outputs = {str(k): str(v) for k, v in (event.data.get("outputs") or {}).items()}
+            elif event.kind == "error":
+                self._error = event.message or "the job failed"
+            elif event.kind == "result":
+                self._results.append(event.data)
+            elif event.kind == "text":
+                self._text.append(event.message)
+            new.append(event)
+        self.events.extend(new)
+        if self.finished and self._finished_at is None:
+            for thread in self._threads:
+                thread.join(timeout=5)
+            self._finished_at = time.monotonic()
+        return new
+
+    def wait(self, timeout: Optional[float] = None, on_event: Optional[Callable[[JobEvent], None]] = None, interval: float = 0.1) -> "JobResult":
+        """Block until the job ends (scripts, tests); a timeout cancels it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for event in self.poll():
+                if on_event is not None:
+                    on_event(event)
+            if self.finished:
+                self.poll()
+                return self.result()
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                self._error = f"the job took longer than {timeout:.0f} s and was stopped"
+            time.sleep(interval)
+
+    def cancel(self) -> None:
+        """End the process and everything it started."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.cancelled = True
+        kill_process_tree(self.process)
+
+    # --- outcome ---------------------------------------------------------------------------
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self._stderr)
+
+    def error_message(self) -> Optional[str]:
+        if self.cancelled:
+            return self._error or "cancelled"
+        if self._error:
+            return self._error
+        code = self.process.returncode if self.process is not None else None
+        if code not in (0, None):
+            for line in reversed(self._stderr):
+                if "error:" in line:
+                    return line.split("error:", 1)[1].strip()
+            tail = [line for line in self._stderr if line.strip()]
+            return tail[-1].strip() if tail else f"the job ended with exit code {code}"
+        return None
+
+    def result(self) -> JobResult:
+        code = self.process.returncode if self.process is not None else None
+        end = self._finished_at or time.monotonic()
+        return JobResult(list(self.command), code, self.cancelled, dict(self._outputs), self.error_message(),
+                         self.stderr, list(self._text), list(self._results), end - self._started)
+
+    def cleanup(self) -> None:
+        """Remove the job's temporary folder (inputs, outputs, record)."""
+        if self.temp_dir is not None and self.temp_dir.exists():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def kill_process_tree(process: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Kill a process and all its descendants (psutil if present, else the process group)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            parent = psutil.Process(process.pid)
+            children = parent.children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+    if os.name != "nt":
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        process.kill()
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass

@@ -1,0 +1,57 @@
+"""`med3dfm segment` runs on every volume in ../shared/data (CT and MR, NIfTI, NRRD and DICOM
+folders) and its output lies exactly on each input's grid. CI has ../shared beside the clone.
+
+The demo model is a hippocampus model, so on other anatomy its labels are meaningless; what this
+checks is that every real file goes through the whole pipeline and comes back on its own geometry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicerio
+
+from Med3DFMLib.cli import main
+from Med3DFMLib.io.volumes import ijk_to_lps, read_volume
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+VOLUMES = [
+    "totalseg/example_ct_sm.nii.gz",
+    "totalseg/example_mr_sm.nii.gz",
+    "totalseg/example_ct_dicom",
+    "pyradiomics/brain1_image.nrrd",
+    "pyradiomics/brain2_image.nrrd",
+    "pyradiomics/breast1_image.nrrd",
+    "deeplesion/CT_Lesion_000001_02_01_008-023_img.nii.gz",
+    "deeplesion/CT_Lesion_000002_03_01_035-047_img.nii.gz",
+    "deeplesion/CT_Lesion_000009_03_01_036-048_img.nii.gz",
+    "dicom/dcmqi_ct3slice",
+    "dicom/slicer_cthead",
+    "dicom/niivue_mr3slice",
+    "brain/test_scan_vol.nii.gz",
+    "hippocampus/images/hippocampus_004.nii.gz",
+]
+
+
+def test_the_list_covers_every_volume_in_shared_data():
+    assert SHARED.is_dir(), f"../shared/data is missing beside the checkout ({SHARED})"
+    images = {str(p.relative_to(SHARED)) for p in SHARED.glob("*/*") if p.name.endswith((".nii.gz", ".nrrd")) and "_label" not in p.name and "_seg" not in p.name and "_gt" not in p.name}
+    dicom_folders = {str(p.parent.relative_to(SHARED)) for p in SHARED.rglob("*.dcm")}
+    listed = set(VOLUMES)
+    assert images <= listed | {"totalseg/example_seg.nii.gz"}, images - listed
+    assert dicom_folders <= listed, dicom_folders - listed
+
+
+@pytest.mark.parametrize("relative", VOLUMES)
+def test_segment_every_shared_volume(tmp_path, relative, capsys):
+    source = SHARED / relative
+    out = tmp_path / "out.seg.nrrd"
+    assert main(["segment", str(source), "-o", str(out), "--device", "cpu", "--progress", "none"]) == 0, capsys.readouterr().err
+    image = read_volume(source)
+    seg = slicerio.read_segmentation(str(out))
+    assert np.allclose(seg["ijkToLPS"], ijk_to_lps(image), atol=1e-4)
+    assert seg["voxels"].shape == image.GetSize()
+    assert (tmp_path / "out.json").is_file()
