@@ -567,12 +567,23 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _pipInstall(requirements: List[str], force: bool) -> None:
-        packaging = getattr(slicer, "packaging", None) or getattr(slicer, "pydeps", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure") and not force:
-            packaging.pip_ensure(requirements, prompt_install=False, requester="Med3DFM")
+        import importlib
+
+        # slicer.packaging.pip_ensure (Slicer >= 5.10; slicer.pydeps in some previews) checks, installs
+        # and offers a restart when an already imported package changed; older Slicer: pip_install.
+        ensure = None
+        for name in ("slicer.packaging", "slicer.pydeps"):
+            try:
+                ensure = getattr(importlib.import_module(name), "pip_ensure", None)
+            except ImportError:
+                continue
+            if ensure is not None:
+                break
+        if ensure is not None and not force:
+            ensure(requirements, prompt_install=False, requester="Med3DFM")
             return
         arguments = (["--force-reinstall", "--no-deps"] if force else []) + requirements
-        slicer.util.pip_install(arguments)
+        slicer.util.pip_install(" ".join(arguments))
 
     def rememberJob(self, result: "jobs.JobResult") -> None:
         self.lastJob = result.as_dict()

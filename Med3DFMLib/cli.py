@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
     _add_common(segment)
 
+    adapt = commands.add_parser("adapt", help="learn a new structure from a few labelled slices or volumes (few-shot adapter)")
+    adapt.add_argument("--image", type=Path, action="append", required=True, help="labelled image; repeat with --labels for several")
+    adapt.add_argument("--labels", type=Path, action="append", required=True, help="label map or .seg.nrrd for the --image before it (sparse slices are fine)")
+    adapt.add_argument("--name", required=True, help='name of the structure(s) / adapter, e.g. "left atrium"')
+    adapt.add_argument("-o", "--output", type=Path, required=True, help="adapter file (.safetensors)")
+    adapt.add_argument("--mode", choices=["adapter", "prototype"], default="adapter", help="adapter: train a small MLP (seconds); prototype: training-free instant guess")
+    adapt.add_argument("--dense", action="store_true", help="labels cover the whole volume (every unlabelled voxel is background)")
+    adapt.add_argument("--slice-axis", choices=["auto", "i", "j", "k"], default="auto", help="axis of the painted slices (default: the most sparsely labelled)")
+    adapt.add_argument("--encoder", default="med3dfm-encoder-small", help="encoder id or file the adapter is trained on")
+    adapt.add_argument("--segment", type=Path, help="also segment the first image with the new adapter into this .seg.nrrd")
+    adapt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    adapt.add_argument("--seed", type=int, default=0)
+    _add_common(adapt)
+
     pretrain = commands.add_parser("pretrain", help="self-supervised pretraining of the encoder (torchrun for several GPUs/nodes)")
     pretrain.add_argument("--data", type=Path, action="append", required=True, help="folder of scans, list file (one path per line) or prepared .npz archive; repeatable")
     pretrain.add_argument("--output", type=Path, required=True, help="run folder: archive, checkpoints, log.jsonl, encoder.safetensors")
@@ -90,6 +104,20 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         if progress.mode != "json":
             segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])
             print(f"wrote {args.output} ({segments}) in {record['timings_s']['total']:.1f} s on {record['device']}")
+        return 0
+    if args.command == "adapt":
+        from Med3DFMLib.fewshot.adapt import run_adapt
+
+        if len(args.image) != len(args.labels):
+            raise Med3DFMError(f"each --image needs its --labels ({len(args.image)} images, {len(args.labels)} label files)")
+        record = run_adapt(
+            list(zip(args.image, args.labels)), args.name, args.output, mode=args.mode, dense=args.dense, axis=args.slice_axis,
+            encoder_spec=args.encoder, device_name=args.device, segment_output=args.segment, registry=args.registry, seed=args.seed, progress=progress,
+        )
+        if progress.mode != "json":
+            held = record["training"].get("held_out_dice")
+            note = f", held-out Dice {held:.3f}" if held is not None else ""
+            print(f"wrote {args.output} ({record['adapter']['parameters']} parameters{note}) in {record['timings_s']['total']:.1f} s")
         return 0
     if args.command == "pretrain":
         from Med3DFMLib.pretrain.cli import run_pretrain

@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,44 +28,69 @@ from Med3DFMLib.progress import Progress
 from Med3DFMLib.record import new_record, record_path_for
 
 
+Predictor = Callable[[sitk.Image, Progress, Dict[str, float]], Tuple[np.ndarray, sitk.Image]]
+
+
 @dataclass
 class LoadedSegmenter:
-    """A segmentation model ready to run, with the card facts the job needs."""
+    """A segmentation model or a few-shot adapter, ready to run, with what the job needs to know.
 
-    model: Any
-    card: Dict[str, Any]
-    spec: InputSpec
+    `predict(image, progress, timings)` returns class probabilities on a model grid and that grid.
+    """
+
+    predict: Predictor
     segments: List[SegmentInfo]
     provenance: Dict[str, Any]
+    model: Optional[Any] = None  # the network and its input spec, for built-in segmentation models
+    spec: Optional[InputSpec] = None  # (benchmarks time their parts separately)
 
 
-def load_segmenter(model_spec: str, registry: Optional[str] = None, progress: Optional[Progress] = None) -> LoadedSegmenter:
-    from Med3DFMLib.models import load_segmentation_model
+def load_segmenter(model_spec: str, registry: Optional[str] = None, progress: Optional[Progress] = None, device_name: str = "auto", overlap: float = 0.25) -> LoadedSegmenter:
     from Med3DFMLib.registry import resolve_model
     from Med3DFMLib.weights import read_weights
 
     resolved = resolve_model(model_spec, registry=registry, progress=progress)
-    tensors, file_card = read_weights(resolved.weights)
-    if file_card.get("task") != "segment":
-        raise Med3DFMError(f"model {resolved.id} is a {file_card.get('task')!r} model; `segment` needs a segmentation model")
-    model = load_segmentation_model(tensors, file_card)
-    segments = [SegmentInfo.from_card(entry) for entry in file_card["labels"]]
-    provenance = {"id": resolved.id, "version": resolved.version, "sha256": resolved.sha256, "source": resolved.source, "file": str(resolved.weights)}
-    return LoadedSegmenter(model, file_card, InputSpec.from_card(file_card["input"]), segments, provenance)
+    tensors, card = read_weights(resolved.weights)
+    provenance = {"id": resolved.id, "version": resolved.version, "sha256": resolved.sha256, "source": resolved.source, "file": str(resolved.weights), "task": card.get("task")}
+    device = choose_device(device_name)
+    if card.get("task") == "adapter":
+        from Med3DFMLib.fewshot.adapt import adapter_predictor
+
+        adapt_predict, segments = adapter_predictor(tensors, card, registry, device, progress)
+        provenance["encoder"] = card["encoder"]
+
+        def predict_adapter(image: sitk.Image, progress: Progress, timings: Dict[str, float]) -> Tuple[np.ndarray, sitk.Image]:
+            tick = time.perf_counter()
+            result = adapt_predict(image)
+            timings["infer"] = time.perf_counter() - tick
+            return result
+
+        return LoadedSegmenter(predict_adapter, segments, provenance)
+    if card.get("task") != "segment":
+        raise Med3DFMError(f"model {resolved.id} is a {card.get('task')!r} model; `segment` needs a segmentation model or a segmentation adapter")
+    from Med3DFMLib.models import load_segmentation_model
+
+    model = load_segmentation_model(tensors, card)
+    spec = InputSpec.from_card(card["input"])
+
+    def predict_model(image: sitk.Image, progress: Progress, timings: Dict[str, float]) -> Tuple[np.ndarray, sitk.Image]:
+        tick = time.perf_counter()
+        progress.update("preprocess", 0.0, "resampling to the model grid")
+        array, grid = to_model_input(image, spec)
+        timings["preprocess"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        probabilities = predict_volume(model, array, spec.window[::-1], device, overlap=overlap, progress=progress)
+        timings["infer"] = time.perf_counter() - tick
+        return probabilities, grid
+
+    return LoadedSegmenter(predict_model, [SegmentInfo.from_card(entry) for entry in card["labels"]], provenance, model, spec)
 
 
-def segment_image(image: sitk.Image, segmenter: LoadedSegmenter, device_name: str = "auto", overlap: float = 0.25, progress: Optional[Progress] = None, timings: Optional[Dict[str, float]] = None) -> sitk.Image:
+def segment_image(image: sitk.Image, segmenter: LoadedSegmenter, progress: Optional[Progress] = None, timings: Optional[Dict[str, float]] = None) -> sitk.Image:
     """Label map on the image's own grid."""
     timings = {} if timings is None else timings
     progress = progress or Progress("none")
-    device = choose_device(device_name)
-    tick = time.perf_counter()
-    progress.update("preprocess", 0.0, "resampling to the model grid")
-    array, grid = to_model_input(image, segmenter.spec)
-    timings["preprocess"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    probabilities = predict_volume(segmenter.model, array, segmenter.spec.window[::-1], device, overlap=overlap, progress=progress)
-    timings["infer"] = time.perf_counter() - tick
+    probabilities, grid = segmenter.predict(image, progress, timings)
     tick = time.perf_counter()
     progress.update("postprocess", 0.0, "resampling to the input grid")
     labels = probabilities_to_labels(probabilities, grid, image)
@@ -116,12 +141,12 @@ def run_segment(
 
     progress.update("model", 0.0, f"loading model {model_spec}")
     tick = time.perf_counter()
-    segmenter = load_segmenter(model_spec, registry, progress)
+    segmenter = load_segmenter(model_spec, registry, progress, device, overlap)
     timings["load_model"] = time.perf_counter() - tick
     record["model"] = segmenter.provenance
     record["device"] = str(choose_device(device))
 
-    labels = segment_image(image, segmenter, device, overlap, progress, timings)
+    labels = segment_image(image, segmenter, progress, timings)
 
     progress.update("write", 0.0, f"writing {output.name}")
     tick = time.perf_counter()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,31 +135,31 @@ def ct_spec(spacing: float, window: int):
     return InputSpec(modality="CT", spacing=(spacing,) * 3, window=(window,) * 3, intensity={"method": "ct", "window": [-1000, 1000]})
 
 
-def get_segmenter(args: Dict[str, Any]):
-    """The bundled model if it loads (with the benchmark's CT input spec), else random weights."""
+def get_segmenter(args: Dict[str, Any]) -> Tuple[Any, Any, List[Any], str]:
+    """(network, input spec, segments, note): the bundled model's network and labels if it loads
+    (always with the benchmark's CT input spec, so every run does the same work), else random weights."""
     import torch
 
     from Med3DFMLib.io.segmentations import SegmentInfo
     from Med3DFMLib.models import VARIANTS, SegmentationModel
-    from Med3DFMLib.segment import LoadedSegmenter, load_segmenter
 
     spec = ct_spec(args["spacing"], args["window"])
+    reason = "no model asked for"
     if args.get("model"):
         try:
+            from Med3DFMLib.segment import load_segmenter
+
             loaded = load_segmenter(args["model"])
-            loaded.spec = spec
-            return loaded, f"{args['model']} (bundled weights, CT input spec of the benchmark)"
+            if getattr(loaded, "model", None) is None:
+                raise ValueError("it is not a plain segmentation network")
+            return loaded.model, spec, list(loaded.segments), f"{args['model']} (bundled weights, CT input spec of the benchmark)"
         except Exception as err:  # noqa: BLE001 - any failure falls back to random weights
-            reason = str(err).splitlines()[0][:160]
-    else:
-        reason = "no model asked for"
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
     torch.manual_seed(0)
     classes = args["classes"]
     model = SegmentationModel(VARIANTS["small"], num_classes=classes).eval()
     segments = [SegmentInfo(value=i, name=f"class_{i}") for i in range(1, classes)]
-    card = {"id": "benchmark-random", "task": "segment", "input": spec.to_card()}
-    provenance = {"id": "benchmark-random", "version": "0", "sha256": "", "source": "random weights"}
-    return LoadedSegmenter(model, card, spec, segments, provenance), f"random weights, {classes} classes ({reason})"
+    return model, spec, segments, f"random weights, {classes} classes ({reason})"
 
 
 def set_threads(threads: int) -> None:
@@ -176,10 +175,11 @@ def worker_pipeline(args: Dict[str, Any]) -> Dict[str, Any]:
     import psutil
     import SimpleITK as sitk
 
-    from Med3DFMLib.inference import count_windows
+    from Med3DFMLib.inference import choose_device, count_windows, predict_volume
     from Med3DFMLib.io.segmentations import write_seg_nrrd
     from Med3DFMLib.io.volumes import read_volume
-    from Med3DFMLib.segment import segment_image, segment_volumes_table
+    from Med3DFMLib.preprocess import probabilities_to_labels, to_model_input
+    from Med3DFMLib.segment import segment_volumes_table
 
     set_threads(args["threads"])
     # One-off imports (MONAI's sliding window is imported lazily by `predict_volume`): every job
@@ -189,7 +189,8 @@ def worker_pipeline(args: Dict[str, Any]) -> Dict[str, Any]:
 
     imports = time.perf_counter() - tick
     tick = time.perf_counter()
-    segmenter, model_note = get_segmenter(args)
+    model, spec, segments, model_note = get_segmenter(args)
+    device = choose_device(args["device"])
     load_model = time.perf_counter() - tick
 
     hwm_reset = reset_peak_rss()
@@ -198,27 +199,34 @@ def worker_pipeline(args: Dict[str, Any]) -> Dict[str, Any]:
     started = time.perf_counter()
     image = read_volume(args["input"])
     timings["load"] = time.perf_counter() - started
-    labels = segment_image(image, segmenter, args["device"], args["overlap"], timings=timings)
+    # The stages of `segment_image` / `run_segment`, timed one by one.
     tick = time.perf_counter()
-    segment_volumes_table(labels, segmenter.segments)
+    array, grid = to_model_input(image, spec)
+    timings["preprocess"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    probabilities = predict_volume(model, array, spec.window[::-1], device, overlap=args["overlap"])
+    timings["infer"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    labels = probabilities_to_labels(probabilities, grid, image)
+    timings["postprocess"] = time.perf_counter() - tick
+    del probabilities, array
+    tick = time.perf_counter()
+    segment_volumes_table(labels, segments)
     out = Path(args["workdir"]) / "benchmark.seg.nrrd"
-    write_seg_nrrd(out, labels, segmenter.segments)
+    write_seg_nrrd(out, labels, segments)
     timings["write"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     peak = peak_rss_bytes(from_status=hwm_reset) or 0
     out.unlink(missing_ok=True)
 
-    from Med3DFMLib.preprocess import model_grid
-
-    grid = model_grid(image, segmenter.spec.spacing)
     model_shape = tuple(reversed(grid.GetSize()))  # (z, y, x)
     return {
         "model": model_note,
-        "classes": int(segmenter.model.num_classes),
+        "classes": int(model.num_classes),
         "input_size": list(image.GetSize()),
         "input_spacing": [round(s, 4) for s in image.GetSpacing()],
         "model_grid_zyx": list(model_shape),
-        "windows": count_windows(model_shape, segmenter.spec.window[::-1], args["overlap"]),
+        "windows": count_windows(model_shape, spec.window[::-1], args["overlap"]),
         "timings_s": timings,
         "load_model_s": load_model,
         "imports_s": imports,
@@ -269,9 +277,9 @@ def worker_peer(args: Dict[str, Any]) -> Dict[str, Any]:
 
     set_threads(args["threads"])
     device = torch.device("cuda" if args["device"] == "cuda" else "cpu")
-    segmenter, _ = get_segmenter(args)
+    med, spec, _segments, _note = get_segmenter(args)
     window, overlap = args["window"], args["overlap"]
-    array, _grid = to_model_input(read_volume(args["input"]), segmenter.spec)
+    array, _grid = to_model_input(read_volume(args["input"]), spec)
     total_windows = count_windows(array.shape, (window,) * 3, overlap)
 
     crop = array
@@ -283,7 +291,7 @@ def worker_peer(args: Dict[str, Any]) -> Dict[str, Any]:
     crop_windows = count_windows(crop.shape, (window,) * 3, overlap)
 
     torch.manual_seed(0)
-    classes = int(segmenter.model.num_classes)  # same output channels to blend as Med3DFM
+    classes = int(med.num_classes)  # same output channels to blend as Med3DFM
     swin = SwinUNETR(in_channels=1, out_channels=classes, feature_size=48).eval().to(device)
     results: Dict[str, Any] = {"classes": classes, "total_windows": total_windows, "measured_windows": crop_windows, "crop_zyx": list(crop.shape)}
 
@@ -296,7 +304,6 @@ def worker_peer(args: Dict[str, Any]) -> Dict[str, Any]:
             torch.cuda.synchronize()
         return time.perf_counter() - tick
 
-    med = segmenter.model
     # Warm both (first forwards pay one-off kernel set-up), then time on the same crop.
     warm = array[:window, :window, :window]
     predict_volume(med, warm, (window,) * 3, device, overlap=overlap)
@@ -368,9 +375,9 @@ def volume_markdown(result: Dict[str, Any]) -> str:
             if peer["extrapolated"]
             else f"measured on all {peer['total_windows']} windows"
         )
-        ratio = peer["swin_infer_s"] / t["infer"]
+        ratio = peer["swin_s_per_window"] / peer["med3dfm_s_per_window"]
         lines += [
-            "| inference on the same resampled array | s per window | whole volume, s | ÷ Med3DFM |",
+            "| inference on the same resampled array | s per window | whole volume, s | per-window ÷ Med3DFM |",
             "|---|---:|---:|---:|",
             f"| Med3DFM (`predict_volume`) | {peer['med3dfm_s_per_window']:.3f} | {t['infer']:.1f} (measured) | 1.00 |",
             f"| SwinUNETR (`sliding_window_inference`) | {peer['swin_s_per_window']:.3f} | {peer['swin_infer_s']:.1f} ({label}) | {ratio:.1f} |",

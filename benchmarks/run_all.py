@@ -163,7 +163,7 @@ def report_markdown(info: Dict[str, Any], window: Dict[str, Any], volume: Dict[s
         f"- Memory: {info['memory_gib']} GiB; GPU: {info['cuda'] or 'none'}",
         f"- {info['platform']}; Python {info['python']}, torch {info['torch']}, MONAI {info.get('monai', '?')}",
         "",
-        "Timings are medians of repeats on a shared machine; expect a few percent of noise.",
+        "Timings are medians of repeats; where other processes share the machine, single runs can be several times slower (every run is listed in the JSON files).",
         "",
         "## Budgets (ARCHITECTURE.md)",
         "",

@@ -295,13 +295,13 @@ def evaluate(data: Path, weights: Path, install: bool) -> None:
 
     names = sorted(p.name for p in (data / "images").glob("*.nii.gz"))
     test = split_cases(names)["test"]
-    segmenter = load_segmenter(str(weights))
+    segmenter = load_segmenter(str(weights), device_name="cpu")
     per_case = []
     start = time.time()
     for name in test:
         image = read_volume(data / "images" / name)
         truth = sitk.GetArrayFromImage(resample_labels_to(read_labels(data / "labels" / name).image, image))
-        pred = sitk.GetArrayFromImage(segment_image(image, segmenter, "cpu"))
+        pred = sitk.GetArrayFromImage(segment_image(image, segmenter))
         scores = {}
         for label in LABELS:
             a, b = pred == label["value"], truth == label["value"]

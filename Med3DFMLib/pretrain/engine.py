@@ -34,7 +34,7 @@ from Med3DFMLib.pretrain.masking import MaskSchedule, block_masks
 from Med3DFMLib.progress import Progress
 
 
-PROBE_STEPS = 20
+PROBE_WARMUP, PROBE_STEPS = 10, 20
 
 
 @dataclass
@@ -177,13 +177,17 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: Optional[Pr
         optimiser.step()
         step += 1
         samples += config.batch * world
-        if config.max_minutes > 0 and step == start_step + PROBE_STEPS:
-            # Time-boxed run: fix the length (and so the lr and mask schedules) from measured speed.
-            per_step = torch.tensor([(time.time() - started) / PROBE_STEPS], device=device)
+        if config.max_minutes > 0 and step == start_step + PROBE_WARMUP:
+            probe_started = time.time()
+        if config.max_minutes > 0 and step == start_step + PROBE_WARMUP + PROBE_STEPS:
+            # Time-boxed run: fix the length (and so the lr and mask schedules) from measured speed,
+            # timed after a few warm-up steps (allocator and kernel selection make the first slow).
+            remaining = config.max_minutes * 60 * 0.95 - (time.time() - started)
+            per_step = torch.tensor([(time.time() - probe_started) / PROBE_STEPS], device=device)
             if world > 1:
                 dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # every rank must agree on the length
             per_step = float(per_step.item())
-            config.max_steps = max(step + 1, min(config.max_steps, int(config.max_minutes * 60 * 0.95 / per_step)))
+            config.max_steps = max(step + 1, min(config.max_steps, step + int(remaining / per_step)))
             config.warmup_steps = min(config.warmup_steps, max(1, config.max_steps // 10))
         if step % config.log_every == 0 or step == config.max_steps:
             value = loss.detach()

@@ -1,0 +1,268 @@
+"""The `med3dfm adapt` job and applying an adapter: images + sparse labels → adapter file.
+
+Round one runs the encoder over each image (cached on disk); every later round on the same image
+only trains the adapter and predicts, which takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.fewshot.adapter import PointSet, build_adapter, fit_prototypes, predict_dense, train_point_adapter
+from Med3DFMLib.fewshot.features import VolumeFeatures, cached_features
+from Med3DFMLib.fewshot.labels import IGNORE, AXES, Supervision, merge_classes, remap, supervision_from_labels
+from Med3DFMLib.inference import choose_device
+from Med3DFMLib.io.atomic import check_writable, write_text_atomic
+from Med3DFMLib.io.segmentations import SegmentInfo, read_labels
+from Med3DFMLib.io.volumes import read_volume
+from Med3DFMLib.preprocess import InputSpec, to_model_input
+from Med3DFMLib.progress import Progress
+from Med3DFMLib.record import new_record, record_path_for
+
+DEFAULT_ENCODER = "med3dfm-encoder-small"
+FEATURE_WINDOW = 128
+
+
+@dataclass
+class Encoder:
+    module: torch.nn.Module
+    id: str
+    version: str
+    sha256: str
+    spec: InputSpec
+
+
+def load_encoder(spec: str = DEFAULT_ENCODER, registry: Optional[str] = None, progress: Optional[Progress] = None) -> Encoder:
+    from Med3DFMLib.models import DualBranchEncoder, EncoderConfig
+    from Med3DFMLib.registry import resolve_model
+    from Med3DFMLib.weights import read_weights
+
+    resolved = resolve_model(spec, registry=registry, progress=progress)
+    tensors, card = read_weights(resolved.weights)
+    if card.get("task") != "encoder":
+        raise Med3DFMError(f"{resolved.id} is a {card.get('task')!r} model, not an encoder")
+    module = DualBranchEncoder(EncoderConfig.from_dict(card["architecture"]["encoder"]))
+    module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return Encoder(module.eval(), resolved.id, resolved.version, resolved.sha256, InputSpec.from_card(card["input"]))
+
+
+@dataclass
+class PreparedVolume:
+    image: sitk.Image
+    grid: sitk.Image
+    array: np.ndarray
+    features: VolumeFeatures
+    padded_image: torch.Tensor
+    cache_hit: bool
+
+
+def prepare_volume(image: sitk.Image, encoder: Encoder, spec: InputSpec, device: torch.device, progress: Optional[Progress] = None) -> PreparedVolume:
+    array, grid = to_model_input(image, spec)
+    features, hit = cached_features(encoder.module, encoder.sha256, array, FEATURE_WINDOW, device, progress)
+    padded = np.full(features.padded, float(array.min()), dtype=np.float32)
+    padded[tuple(slice(0, s) for s in array.shape)] = array
+    return PreparedVolume(image, grid, array, features, torch.from_numpy(padded), hit)
+
+
+MAX_POINTS_PER_VOLUME = 2_000_000
+
+
+def _points(targets: np.ndarray, image: sitk.Image, grid: sitk.Image, seed: int = 0) -> PointSet:
+    """Labelled voxels of the image grid as continuous (z, y, x) coordinates of the model grid.
+
+    Points are mapped through physical space instead of resampling the labels, so a single painted
+    slice is never lost between two model-grid planes.
+    """
+    index = np.argwhere(targets != IGNORE)  # (z, y, x) on the image grid
+    if len(index) > MAX_POINTS_PER_VOLUME:
+        index = index[np.random.default_rng(seed).choice(len(index), MAX_POINTS_PER_VOLUME, replace=False)]
+    values = targets[tuple(index.T)].astype(np.int64)
+    ijk = index[:, ::-1].astype(np.float64)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    physical = np.array(image.GetOrigin()) + (ijk * np.array(image.GetSpacing())) @ direction.T
+    grid_direction = np.array(grid.GetDirection()).reshape(3, 3)
+    continuous = ((physical - np.array(grid.GetOrigin())) @ grid_direction) / np.array(grid.GetSpacing())
+    return PointSet(torch.from_numpy(continuous[:, ::-1].copy()).float(), torch.from_numpy(values))
+
+
+def _split(supervision: Supervision, targets: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) targets: every third labelled slice is held out when there are ≥ 3,
+    otherwise a random fifth of the labelled voxels."""
+    train, held = targets.copy(), np.full_like(targets, IGNORE)
+    if supervision.axis is not None and len(supervision.labelled_slices) >= 3:
+        axis = AXES[supervision.axis]
+        for index in supervision.labelled_slices[1::3]:
+            where = [slice(None)] * 3
+            where[axis] = index
+            held[tuple(where)] = targets[tuple(where)]
+            train[tuple(where)] = IGNORE
+    else:
+        rng = np.random.default_rng(seed)
+        labelled = np.argwhere(targets != IGNORE)
+        chosen = labelled[rng.random(len(labelled)) < 0.2]
+        held[tuple(chosen.T)] = targets[tuple(chosen.T)]
+        train[tuple(chosen.T)] = IGNORE
+    return train, held
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "adapter"
+
+
+def run_adapt(
+    pairs: Sequence[Tuple[Path, Path]],
+    name: str,
+    output: Path,
+    mode: str = "adapter",
+    dense: bool = False,
+    axis: str = "auto",
+    encoder_spec: str = DEFAULT_ENCODER,
+    device_name: str = "auto",
+    segment_output: Optional[Path] = None,
+    registry: Optional[str] = None,
+    seed: int = 0,
+    progress: Optional[Progress] = None,
+) -> Dict[str, Any]:
+    """Learn an adapter from labelled images; optionally segment the first image with it."""
+    progress = progress or Progress("none")
+    if not pairs:
+        raise Med3DFMError("adapt needs at least one --image with its --labels")
+    if mode not in ("adapter", "prototype"):
+        raise Med3DFMError(f"unknown mode {mode!r}; use adapter or prototype")
+    if not str(output).endswith(".safetensors"):
+        raise Med3DFMError(f"the adapter file must end in .safetensors: {output}")
+    check_writable(output)
+    if segment_output is not None:
+        if not str(segment_output).lower().endswith(".seg.nrrd"):
+            raise Med3DFMError(f"--segment output must end in .seg.nrrd: {segment_output}")
+        check_writable(segment_output)
+    record = new_record("adapt")
+    record["parameters"] = {"name": name, "mode": mode, "dense": dense, "axis": axis, "encoder": encoder_spec, "images": [str(i) for i, _ in pairs], "labels": [str(l) for _, l in pairs]}
+    started = time.perf_counter()
+    device = choose_device(device_name)
+    progress.update("load", 0.0, "loading encoder")
+    encoder = load_encoder(encoder_spec, registry, progress)
+    spec = encoder.spec
+
+    supervisions, images = [], []
+    for image_path, labels_path in pairs:
+        image = read_volume(image_path)
+        labels = read_labels(labels_path)
+        supervisions.append(supervision_from_labels(image, labels, Path(labels_path).name, dense=dense, axis=axis))
+        images.append(image)
+    classes = merge_classes(supervisions)
+    counts = {c.name: 0 for c in classes}
+    for supervision in supervisions:
+        for segment in supervision.classes:
+            counts[segment.name] += int((supervision.targets == segment.value).sum())
+    for class_name, count in counts.items():
+        if count < 2:
+            raise Med3DFMError(f"class '{class_name}' has only {count} labelled voxel; paint at least a few voxels of it")
+
+    prepared, train_points, val_points, all_points = [], [], [], []
+    hits = 0
+    for index, (image, supervision) in enumerate(zip(images, supervisions)):
+        progress.update("features", index / len(images), f"encoder features of image {index + 1} of {len(images)}")
+        volume = prepare_volume(image, encoder, spec, device, progress)
+        hits += int(volume.cache_hit)
+        prepared.append(volume)
+        targets = remap(supervision, classes)
+        train, held = _split(supervision, targets, seed)
+        train_points.append(_points(train, image, volume.grid, seed))
+        val_points.append(_points(held, image, volume.grid, seed))
+        all_points.append(_points(targets, image, volume.grid, seed))
+    timings = {"features": round(time.perf_counter() - started, 3)}
+
+    tick = time.perf_counter()
+    features = [p.features for p in prepared]
+    tensors = [p.padded_image for p in prepared]
+    if mode == "prototype":
+        adapter, summary = fit_prototypes(features, tensors, all_points, len(classes), seed=seed)
+        architecture = {"type": "point-adapter", "mode": "prototype", "in_dim": int(adapter.mean.numel()), "num_classes": len(classes), "num_prototypes": int(adapter.prototypes.shape[0])}
+    else:
+        _, probe = train_point_adapter(features, tensors, train_points, val_points, len(classes), seed=seed, progress=progress)
+        # The held-out slices chose how long to train; the final adapter learns from all labels.
+        adapter, summary = train_point_adapter(features, tensors, all_points, [], len(classes), max_steps=probe["best_step"], seed=seed)
+        summary.update({"held_out_dice": probe["held_out_dice"], "selection_history": probe["history"], "seconds": round(summary["seconds"] + probe["seconds"], 2)})
+        architecture = {"type": "point-adapter", "mode": "mlp", "in_dim": int(adapter.mean.numel()), "num_classes": len(classes), "hidden": adapter.mlp[1].out_features}
+    timings["train"] = round(time.perf_counter() - tick, 3)
+
+    card = {
+        "id": slugify(name),
+        "version": "1.0.0",
+        "task": "adapter",
+        "title": name,
+        "description": f"Few-shot {mode} for {', '.join(c.name for c in classes)}, learned with med3dfm adapt",
+        "architecture": architecture,
+        "parameters": int(sum(t.numel() for t in adapter.state_dict().values())),
+        "encoder": {"id": encoder.id, "version": encoder.version, "sha256": encoder.sha256},
+        "input": spec.to_card(),
+        "labels": [{"value": c.value, "name": c.name, "color": [float(v) for v in c.color], **({"terminology": c.terminology} if c.terminology else {})} for c in classes],
+        "training": {
+            "images": [Path(i).name for i, _ in pairs],
+            "labelled": [
+                {"image": Path(i).name, "slice_axis": s.axis, "labelled_slices": len(s.labelled_slices) if s.axis else "all", "voxels": {c.name: int((s.targets == c.value).sum()) for c in s.classes}}
+                for (i, _), s in zip(pairs, supervisions)
+            ],
+            "summary": summary,
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+    }
+    from Med3DFMLib.weights import write_weights
+
+    sha = write_weights(output, {k: v.contiguous() for k, v in adapter.state_dict().items()}, card)
+    record["adapter"] = {"file": str(output), "sha256": sha, "id": card["id"], "classes": [c.name for c in classes], "parameters": card["parameters"]}
+    record["encoder"] = card["encoder"]
+    record["feature_cache_hits"] = hits
+    record["training"] = {k: v for k, v in summary.items() if k not in ("history", "selection_history")}
+
+    if segment_output is not None:
+        tick = time.perf_counter()
+        progress.update("segment", 0.0, f"segmenting {Path(pairs[0][0]).name}")
+        from Med3DFMLib.io.segmentations import write_seg_nrrd
+        from Med3DFMLib.preprocess import probabilities_to_labels
+
+        first = prepared[0]
+        probabilities = predict_dense(adapter, first.features, first.padded_image)
+        labels_image = probabilities_to_labels(probabilities, first.grid, first.image)
+        write_seg_nrrd(segment_output, labels_image, classes)
+        record["outputs"] = {"segmentation": str(segment_output)}
+        timings["segment"] = round(time.perf_counter() - tick, 3)
+    timings["total"] = round(time.perf_counter() - started, 3)
+    record["timings_s"] = timings
+    write_text_atomic(record_path_for(output), json.dumps(record, indent=2) + "\n")
+    progress.update("done", 1.0, f"wrote {output.name}", outputs={"adapter": str(output), **record.get("outputs", {})})
+    return record
+
+
+def load_adapter_model(tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -> torch.nn.Module:
+    adapter = build_adapter(card["architecture"])
+    adapter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    return adapter.eval()
+
+
+def adapter_predictor(tensors: Dict[str, torch.Tensor], card: Dict[str, Any], registry: Optional[str], device: torch.device, progress: Optional[Progress]):
+    """A `predict(image) -> (probabilities, grid)` for an adapter, with its encoder checked."""
+    from Med3DFMLib.registry import check_adapter_encoder
+
+    adapter = load_adapter_model(tensors, card)
+    encoder = load_encoder(card["encoder"]["id"], registry, progress)
+    check_adapter_encoder(card, encoder.sha256)
+    spec = InputSpec.from_card(card["input"])
+
+    def predict(image: sitk.Image) -> Tuple[np.ndarray, sitk.Image]:
+        volume = prepare_volume(image, encoder, spec, device, progress)
+        return predict_dense(adapter, volume.features, volume.padded_image), volume.grid
+
+    return predict, [SegmentInfo.from_card(entry) for entry in card["labels"]]

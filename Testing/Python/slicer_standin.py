@@ -1,0 +1,501 @@
+"""A stand-in for the few Slicer calls the Med3DFM module's Logic makes, built on real VTK objects.
+
+Slicer cannot be installed in CI, so this provides `slicer` (app, mrmlScene, util), `qt`, the
+parameter-node wrapper and the scripted-module base classes just far enough for Med3DFM.py to import and
+for its Logic to run the real path: a volume node (vtkImageData + IJK→RAS vtkMatrix4x4) written to a
+file, the real CLI job, and the .seg.nrrd/.tsv read back into nodes. Readers and writers behave as
+Slicer's do: RAS node geometry, LPS files, segment metadata from the NRRD header's Segment<N>_* fields.
+
+It is not a model of Slicer: only the calls Med3DFM.py makes exist, so a call it does not know fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+from vtk.util import numpy_support
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_ids = itertools.count(1)
+
+
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _image_data(array_kji: np.ndarray) -> vtk.vtkImageData:
+    image = vtk.vtkImageData()
+    image.SetDimensions(array_kji.shape[2], array_kji.shape[1], array_kji.shape[0])
+    flat = numpy_support.numpy_to_vtk(np.ascontiguousarray(array_kji).ravel(), deep=True)
+    image.GetPointData().SetScalars(flat)
+    return image
+
+
+def _array(image: vtk.vtkImageData) -> np.ndarray:
+    i, j, k = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i)
+
+
+def _sitk_from(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> sitk.Image:
+    ijk_to_lps = LPS_TO_RAS @ ijk_to_ras
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(array_kji)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (ijk_to_lps[:3, :3] / spacing).ravel()])
+    image.SetOrigin([float(v) for v in ijk_to_lps[:3, 3]])
+    return image
+
+
+# --- nodes ------------------------------------------------------------------------------------------
+
+class Node:
+    def __init__(self, name: str = "") -> None:
+        self._name = name
+        self._id = f"{type(self).__name__}{next(_ids)}"
+        self._attributes: Dict[str, str] = {}
+        self.scene: Optional["Scene"] = None
+
+    def GetID(self) -> str:
+        return self._id
+
+    def GetName(self) -> str:
+        return self._name
+
+    def SetName(self, name: str) -> None:
+        self._name = name
+
+    def SetAttribute(self, key: str, value: str) -> None:
+        self._attributes[key] = value
+
+    def GetAttribute(self, key: str) -> Optional[str]:
+        return self._attributes.get(key)
+
+    def Modified(self) -> None:
+        pass
+
+
+class vtkMRMLScalarVolumeNode(Node):
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self._image: Optional[vtk.vtkImageData] = None
+        self._ijk_to_ras = vtk.vtkMatrix4x4()
+
+    def SetAndObserveImageData(self, image: vtk.vtkImageData) -> None:
+        self._image = image
+
+    def GetImageData(self) -> Optional[vtk.vtkImageData]:
+        return self._image
+
+    def SetIJKToRASMatrix(self, matrix: vtk.vtkMatrix4x4) -> None:
+        self._ijk_to_ras.DeepCopy(matrix)
+
+    def GetIJKToRASMatrix(self, matrix: vtk.vtkMatrix4x4) -> None:
+        matrix.DeepCopy(self._ijk_to_ras)
+
+    def GetSpacing(self):
+        return tuple(float(s) for s in np.linalg.norm(_matrix_to_numpy(self._ijk_to_ras)[:3, :3], axis=0))
+
+
+class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
+    pass
+
+
+class vtkMRMLVolumeArchetypeStorageNode(Node):
+    """Writes a volume node as Slicer does: voxels in IJK order, geometry converted from RAS to LPS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._file = ""
+        self.compression = True
+        self.references = 1
+
+    def SetFileName(self, name: str) -> None:
+        self._file = name
+
+    def UseCompressionOff(self) -> None:
+        self.compression = False
+
+    def WriteData(self, node: vtkMRMLScalarVolumeNode) -> int:
+        image = _sitk_from(_array(node.GetImageData()), _matrix_to_numpy(node._ijk_to_ras))
+        sitk.WriteImage(image, self._file, self.compression)
+        return 1
+
+    def UnRegister(self, _owner: Any) -> None:
+        self.references -= 1
+
+
+class Segment:
+    def __init__(self, name: str, color, mask_kji: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+        self._name = name
+        self._color = tuple(float(c) for c in color)
+        self._tags: Dict[str, str] = {}
+        self.labelmap = _image_data(mask_kji.astype(np.uint8))
+        self.ijk_to_ras = _numpy_to_matrix(ijk_to_ras)
+        self.closed_surface: Optional[vtk.vtkPolyData] = None
+
+    def GetName(self) -> str:
+        return self._name
+
+    def SetName(self, name: str) -> None:
+        self._name = name
+
+    def GetColor(self):
+        return self._color
+
+    def SetColor(self, r: float, g: float, b: float) -> None:
+        self._color = (float(r), float(g), float(b))
+
+    def SetTag(self, key: str, value: str) -> None:
+        self._tags[key] = value
+
+    def GetTerminology(self) -> str:
+        return self._tags.get("TerminologyEntry", "")
+
+    def copy(self) -> "Segment":
+        other = Segment(self._name, self._color, _array(self.labelmap).copy(), _matrix_to_numpy(self.ijk_to_ras))
+        other._tags = dict(self._tags)
+        return other
+
+
+class Segmentation:
+    def __init__(self) -> None:
+        self._segments: Dict[str, Segment] = {}
+
+    def GetNumberOfSegments(self) -> int:
+        return len(self._segments)
+
+    def GetNthSegmentID(self, index: int) -> str:
+        return list(self._segments)[index]
+
+    def GetNthSegment(self, index: int) -> Segment:
+        return list(self._segments.values())[index]
+
+    def GetSegment(self, segment_id: str) -> Optional[Segment]:
+        return self._segments.get(segment_id)
+
+    def GetSegmentIdBySegmentName(self, name: str) -> str:
+        return next((sid for sid, s in self._segments.items() if s.GetName().lower() == name.lower()), "")
+
+    def AddSegment(self, segment: Segment, segment_id: str) -> None:
+        self._segments[segment_id] = segment
+
+    def RemoveAllSegments(self) -> None:
+        self._segments.clear()
+
+    def CopySegmentFromSegmentation(self, source: "Segmentation", segment_id: str, remove_from_source: bool = False) -> bool:
+        segment = source.GetSegment(segment_id)
+        if segment is None:
+            return False
+        new_id = segment_id
+        while new_id in self._segments:
+            new_id += "_1"
+        self._segments[new_id] = segment.copy()
+        return True
+
+
+class vtkMRMLSegmentationNode(Node):
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self._segmentation = Segmentation()
+        self.reference_geometry: Optional[np.ndarray] = None
+        self.reference_extent = None
+        self.display_nodes = 0
+
+    def GetSegmentation(self) -> Segmentation:
+        return self._segmentation
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, volume: vtkMRMLScalarVolumeNode) -> None:
+        self.reference_geometry = _matrix_to_numpy(volume._ijk_to_ras)
+        self.reference_extent = volume.GetImageData().GetExtent()
+
+    def CreateDefaultDisplayNodes(self) -> None:
+        self.display_nodes = 1
+
+    def CreateClosedSurfaceRepresentation(self) -> bool:
+        for segment in self._segmentation._segments.values():
+            surface = vtk.vtkDiscreteFlyingEdges3D()
+            surface.SetInputData(segment.labelmap)
+            surface.SetValue(0, 1)
+            surface.Update()
+            segment.closed_surface = surface.GetOutput()
+        return True
+
+
+class vtkMRMLTableNode(Node):
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self._table = vtk.vtkTable()
+
+    def AddColumn(self, array: vtk.vtkAbstractArray) -> vtk.vtkAbstractArray:
+        self._table.AddColumn(array)
+        return array
+
+    def GetTable(self) -> vtk.vtkTable:
+        return self._table
+
+    def GetNumberOfRows(self) -> int:
+        return self._table.GetNumberOfRows()
+
+
+class vtkMRMLScriptedModuleNode(Node):
+    pass
+
+
+class SubjectHierarchy:
+    """Items with parents; the scene item is 1. Only the calls the module makes."""
+
+    def __init__(self) -> None:
+        self._scene_item = 1
+        self._parents: Dict[int, int] = {}
+        self._names: Dict[int, str] = {1: "Scene"}
+        self._by_node: Dict[str, int] = {}
+        self._next = itertools.count(2)
+
+    def GetSceneItemID(self) -> int:
+        return self._scene_item
+
+    def _new(self, parent: int, name: str) -> int:
+        item = next(self._next)
+        self._parents[item] = parent
+        self._names[item] = name
+        return item
+
+    def CreatePatientItem(self, parent: int, name: str) -> int:
+        return self._new(parent, name)
+
+    def CreateStudyItem(self, parent: int, name: str) -> int:
+        return self._new(parent, name)
+
+    def GetItemByDataNode(self, node: Node) -> int:
+        if node.GetID() not in self._by_node:
+            self._by_node[node.GetID()] = self._new(self._scene_item, node.GetName())
+        return self._by_node[node.GetID()]
+
+    def GetItemParent(self, item: int) -> int:
+        return self._parents.get(item, 0)
+
+    def SetItemParent(self, item: int, parent: int) -> None:
+        self._parents[item] = parent
+
+
+class Scene:
+    NODE_CLASSES = {cls.__name__: cls for cls in (vtkMRMLScalarVolumeNode, vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode,
+                                                 vtkMRMLTableNode, vtkMRMLScriptedModuleNode)}
+    StartCloseEvent = 1
+    EndCloseEvent = 2
+
+    def __init__(self) -> None:
+        self.nodes: List[Node] = []
+        self._sh = SubjectHierarchy()
+
+    def AddNewNodeByClass(self, class_name: str, name: str = "") -> Node:
+        node = self.NODE_CLASSES[class_name](name)
+        return self.AddNode(node)
+
+    def AddNode(self, node: Node) -> Node:
+        node.scene = self
+        self.nodes.append(node)
+        return node
+
+    def CreateNodeByClass(self, class_name: str) -> Node:
+        if class_name == "vtkMRMLVolumeArchetypeStorageNode":
+            return vtkMRMLVolumeArchetypeStorageNode()
+        return self.NODE_CLASSES[class_name]()
+
+    def RemoveNode(self, node: Node) -> None:
+        self.nodes.remove(node)
+
+    def GetSubjectHierarchyNode(self) -> SubjectHierarchy:
+        return self._sh
+
+    def GetFirstNodeByClass(self, class_name: str) -> Optional[Node]:
+        return next((n for n in self.nodes if type(n).__name__ == class_name), None)
+
+    def Clear(self) -> None:
+        self.nodes.clear()
+
+
+# --- readers (what slicer.util.load* do for these files) ----------------------------------------------
+
+def loadVolume(path: str, labelmap: bool = False) -> vtkMRMLScalarVolumeNode:
+    image = sitk.ReadImage(str(path))
+    spacing = np.array(image.GetSpacing())
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * spacing
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node = slicer.mrmlScene.AddNewNodeByClass(cls, Path(path).name.split(".")[0])
+    node.SetAndObserveImageData(_image_data(sitk.GetArrayFromImage(image)))
+    node.SetIJKToRASMatrix(_numpy_to_matrix(LPS_TO_RAS @ ijk_to_lps))
+    return node
+
+
+def loadLabelVolume(path: str) -> vtkMRMLScalarVolumeNode:
+    return loadVolume(path, labelmap=True)
+
+
+def _parse_segment_fields(header: Dict[str, Any]) -> List[Dict[str, str]]:
+    segments = []
+    for index in itertools.count():
+        prefix = f"Segment{index}_"
+        if prefix + "ID" not in header:
+            break
+        segments.append({key[len(prefix):]: value for key, value in header.items() if key.startswith(prefix)})
+    return segments
+
+
+def loadSegmentation(path: str) -> vtkMRMLSegmentationNode:
+    """Read a .seg.nrrd like Slicer's segmentation storage node: voxels, geometry and Segment<N>_* fields."""
+    import nrrd
+
+    data, header = nrrd.read(str(path), index_order="C")
+    # C index order reverses the file's axes: (i, j, k[, list]) in the file is (k, j, i) here, and a
+    # leading list axis (layers) in the file ends up last.
+    directions = [row for row in header["space directions"] if row is not None and not np.all(np.isnan(np.asarray(row, dtype=float)))]
+    space_directions = np.array(directions, dtype=float)
+    data = np.moveaxis(data, -1, 0) if data.ndim == 4 else data[np.newaxis]
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = space_directions.T
+    ijk_to_lps[:3, 3] = np.array(header["space origin"], dtype=float)
+    ijk_to_ras = LPS_TO_RAS @ ijk_to_lps
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", Path(path).name.split(".")[0])
+    for fields in _parse_segment_fields(header):
+        layer = int(fields.get("Layer", 0))
+        value = int(fields.get("LabelValue", 1))
+        mask = data[layer] == value
+        segment = Segment(fields["Name"], [float(c) for c in fields["Color"].split()], mask, ijk_to_ras)
+        for tag in fields.get("Tags", "").split("|"):
+            if ":" in tag:
+                key, value_text = tag.split(":", 1)
+                segment.SetTag(key, value_text)
+        node.GetSegmentation().AddSegment(segment, fields["ID"])
+    return node
+
+
+def arrayFromVolume(node: vtkMRMLScalarVolumeNode) -> np.ndarray:
+    return _array(node.GetImageData())
+
+
+def arrayFromSegmentBinaryLabelmap(node: vtkMRMLSegmentationNode, segment_id: str, reference: vtkMRMLScalarVolumeNode) -> np.ndarray:
+    """The segment resampled onto the reference volume's grid (nearest neighbour in physical space)."""
+    segment = node.GetSegmentation().GetSegment(segment_id)
+    mask = _sitk_from(_array(segment.labelmap), _matrix_to_numpy(segment.ijk_to_ras))
+    ref = _sitk_from(arrayFromVolume(reference), _matrix_to_numpy(reference._ijk_to_ras))
+    resampled = sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
+    return sitk.GetArrayFromImage(resampled)
+
+
+# --- modules ------------------------------------------------------------------------------------------
+
+slicer = types.ModuleType("slicer")
+
+
+def install() -> types.ModuleType:
+    """Put the stand-in modules in sys.modules (idempotent) and return `slicer`."""
+    if sys.modules.get("slicer") is slicer:
+        return slicer
+
+    app = types.SimpleNamespace(
+        slicerHome=None,
+        temporaryPath=tempfile.mkdtemp(prefix="slicer-standin-"),
+        applicationVersion="stand-in",
+        repositoryRevision="0",
+        testingEnabled=lambda: True,
+        connect=lambda *args: None,
+    )
+    util = types.ModuleType("slicer.util")
+
+    class VTKObservationMixin:
+        def __init__(self) -> None:
+            self.observers: List[Any] = []
+
+        def addObserver(self, *args: Any) -> None:
+            self.observers.append(args)
+
+        def removeObserver(self, *args: Any) -> None:
+            pass
+
+        def removeObservers(self) -> None:
+            self.observers.clear()
+
+    util.VTKObservationMixin = VTKObservationMixin
+    for function in (loadVolume, loadLabelVolume, loadSegmentation, arrayFromVolume, arrayFromSegmentBinaryLabelmap):
+        setattr(util, function.__name__, function)
+
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+
+    class _Annotation:
+        def __init__(self, *args: Any) -> None:
+            self.args = args
+
+    wrapper.Default = type("Default", (_Annotation,), {})
+    wrapper.Choice = type("Choice", (_Annotation,), {})
+    wrapper.parameterNodeWrapper = lambda cls: cls
+
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent: Any) -> None:
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent: Any = None) -> None:
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent: Any = None) -> None:
+            pass
+
+        def getParameterNode(self) -> Node:
+            return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+
+    class ScriptedLoadableModuleTest:
+        pass
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
+        setattr(scripted, cls.__name__, cls)
+
+    segmentations = types.ModuleType("vtkSlicerSegmentationsModuleMRMLPython")
+    segmentations.vtkMRMLSegmentationNode = vtkMRMLSegmentationNode
+
+    slicer.app = app
+    slicer.mrmlScene = Scene()
+    slicer.util = util
+    slicer.i18n = i18n
+    slicer.parameterNodeWrapper = wrapper
+    slicer.ScriptedLoadableModule = scripted
+    slicer.vtkMRMLScalarVolumeNode = vtkMRMLScalarVolumeNode
+    slicer.vtkMRMLSegmentationNode = vtkMRMLSegmentationNode
+    slicer.__path__ = []  # a package, so `import slicer.util` works
+
+    qt = types.ModuleType("qt")  # the Logic makes no Qt calls; the Widget is not exercised here
+    sys.modules.update({
+        "slicer": slicer,
+        "slicer.util": util,
+        "slicer.i18n": i18n,
+        "slicer.parameterNodeWrapper": wrapper,
+        "slicer.ScriptedLoadableModule": scripted,
+        "vtkSlicerSegmentationsModuleMRMLPython": segmentations,
+        "qt": qt,
+    })
+    return slicer

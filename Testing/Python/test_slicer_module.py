@@ -1,0 +1,422 @@
+"""The Slicer module without Slicer: its support package, its .ui, and its Logic on a stand-in.
+
+The Logic test runs the real path: a volume node (real vtkImageData + IJK→RAS matrix) written to a file,
+the real `med3dfm segment` job with the bundled model in a background process, and the results read
+back into nodes, checked for geometry, names, colours, terminology and Dice against the manual labels.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import py_compile
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE_DIR = ROOT / "Med3DFM"
+MODULE_FILE = MODULE_DIR / "Med3DFM.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "Med3DFM.ui"
+sys.path.insert(0, str(MODULE_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from Med3DFMSupport import environment, jobs, results  # noqa: E402
+
+DEMO = "hippocampus-mr-demo"
+
+
+# --- command lines --------------------------------------------------------------------------------
+
+def test_segment_command_runs_the_cli_with_json_progress(tmp_path):
+    command = jobs.segment_command("/opt/Slicer/bin/PythonSlicer", tmp_path / "in.nrrd", tmp_path / "out.seg.nrrd", DEMO, "cpu", table=tmp_path / "out.tsv")
+    assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "Med3DFMLib.cli", "segment"]
+    assert command[4] == str(tmp_path / "in.nrrd")
+    assert command[command.index("-o") + 1] == str(tmp_path / "out.seg.nrrd")
+    assert command[command.index("--model") + 1] == DEMO
+    assert command[command.index("--device") + 1] == "cpu"
+    assert command[command.index("--table") + 1] == str(tmp_path / "out.tsv")
+    assert "--no-overwrite" in command and command[-2:] == ["--progress", "json"]
+    # the command line is one the real CLI accepts
+    from Med3DFMLib.cli import build_parser
+
+    args = build_parser().parse_args(command[3:])
+    assert (args.command, args.model, args.device, args.progress, args.no_overwrite) == ("segment", DEMO, "cpu", "json", True)
+
+
+def test_segment_command_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="device"):
+        jobs.segment_command("py", tmp_path / "a.nrrd", tmp_path / "b.seg.nrrd", DEMO, "gpu")
+    with pytest.raises(ValueError, match="seg.nrrd"):
+        jobs.segment_command("py", tmp_path / "a.nrrd", tmp_path / "b.nrrd", DEMO)
+
+
+def test_models_commands_are_accepted_by_the_cli():
+    from Med3DFMLib.cli import build_parser
+
+    parser = build_parser()
+    for action, arguments in (("list", []), ("download", [DEMO]), ("import", ["m.safetensors"]), ("remove", [DEMO])):
+        command = jobs.models_command("py", action, arguments)
+        args = parser.parse_args(command[3:])
+        assert args.command == "models" and args.models_command == action
+    assert "--json" in jobs.models_command("py", "list")
+    assert jobs.models_command("py", "download", [DEMO])[-2:] == ["--progress", "json"]
+    with pytest.raises(ValueError):
+        jobs.models_command("py", "train")
+
+
+# --- progress lines -------------------------------------------------------------------------------
+
+def test_progress_lines_become_events_with_overall_fraction():
+    event = jobs.parse_progress_line('{"stage": "infer", "fraction": 0.5, "message": "window 2 of 4"}')
+    assert (event.kind, event.stage, event.fraction, event.message) == ("progress", "infer", 0.5, "window 2 of 4")
+    start, end = jobs.STAGE_SPANS["segment"]["infer"]
+    assert event.overall == pytest.approx(start + 0.5 * (end - start))
+    overall = [jobs.parse_progress_line(json.dumps({"stage": s, "fraction": 0.0})).overall for s in ("load", "model", "preprocess", "infer", "postprocess", "write")]
+    assert overall == sorted(overall)
+
+    done = jobs.parse_progress_line('{"stage": "done", "fraction": 1.0, "message": "wrote x", "outputs": {"segmentation": "/t/x.seg.nrrd"}}')
+    assert done.kind == "done" and done.overall == 1.0 and done.data["outputs"]["segmentation"] == "/t/x.seg.nrrd"
+    error = jobs.parse_progress_line('{"stage": "error", "fraction": 1.0, "message": "model xyz is not in the registry"}')
+    assert error.kind == "error" and error.message == "model xyz is not in the registry"
+    result = jobs.parse_progress_line('{"result": "installed", "id": "m", "version": "1"}')
+    assert result.kind == "result" and result.stage == "installed" and result.data["id"] == "m"
+    download = jobs.parse_progress_line('{"stage": "download", "fraction": 0.25, "message": "m: 1 MB", "bytes": 10}', "models")
+    assert download.overall == pytest.approx(0.25) and download.data["bytes"] == 10
+
+
+@pytest.mark.parametrize("line", ["", "warning: something", "{not json", "[1, 2]", '{"stage": "infer", "fraction": "x"}'])
+def test_odd_lines_never_break_parsing(line):
+    event = jobs.parse_progress_line(line)
+    assert event.kind in ("text", "progress")
+    assert 0.0 <= event.overall <= 1.0
+
+
+# --- registry labels -> Slicer segments ------------------------------------------------------------
+
+def test_terminology_string_has_slicers_seven_fields():
+    text = results.terminology_string({"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "5366008", "Hippocampus"]})
+    fields = text.split("~")
+    assert len(fields) == 7
+    assert fields[0] == results.SLICER_ANATOMY_CONTEXT
+    assert fields[1:4] == ["SCT^123037004^Anatomical Structure", "SCT^5366008^Hippocampus", "^^"]
+    assert fields[4] == results.DICOM_ANATOMY_CONTEXT and fields[5:] == ["^^", "^^"]
+    assert results.terminology_string(None) == ""
+    with_modifier = results.terminology_string({"contextName": "C", "category": ["a", "b", "c"], "type": ["d", "e", "f"], "typeModifier": ["SCT", "7771000", "Left"]})
+    assert with_modifier.split("~")[3] == "SCT^7771000^Left" and with_modifier.startswith("C~")
+
+
+def test_segment_display_info_from_the_registry():
+    registry = environment.read_registry(ROOT / "Resources" / "models.json")
+    entry = environment.registry_entry(registry, DEMO)
+    assert entry is not None and environment.registry_entry(registry, f"{DEMO}@{entry['version']}")["id"] == DEMO
+    assert environment.registry_entry(registry, "no-such-model") is None
+    display = results.segment_display_info(entry)
+    assert [d.value for d in display] == [1, 2]
+    assert [d.name for d in display] == ["anterior hippocampus", "posterior hippocampus"]
+    assert display[0].color == pytest.approx((0.86, 0.55, 0.24))
+    assert "SCT^5366008^Hippocampus" in display[0].terminology
+
+
+# --- records, tables, models list ------------------------------------------------------------------
+
+def test_record_and_table_are_read(tmp_path):
+    seg = tmp_path / "case.seg.nrrd"
+    assert results.record_path_for(seg) == tmp_path / "case.json"
+    with pytest.raises(FileNotFoundError):
+        results.read_job_record(tmp_path / "case.json")
+    (tmp_path / "case.json").write_text(json.dumps({"command": "segment", "model": {"id": DEMO, "version": "0.1.0"}, "device": "cpu", "segments": []}))
+    (tmp_path / "case.tsv").write_text("# model x 1 sha256 abc\nsegment\tlabel\tvolume_ml\nleft lobe\t1\t2.5\n")
+    result = results.SegmentResult.from_outputs({"segmentation": str(seg), "table": str(tmp_path / "case.tsv")}, seg)
+    assert (result.model_id, result.model_version, result.device) == (DEMO, "0.1.0", "cpu")
+    assert json.loads(result.provenance)["command"] == "segment"
+    comments, columns, rows = results.read_tsv(result.table)
+    assert comments == ["model x 1 sha256 abc"] and columns == ["segment", "label", "volume_ml"] and rows == [["left lobe", 1, 2.5]]
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ValueError):
+        results.read_job_record(tmp_path / "bad.json")
+
+
+def test_model_rows():
+    listing = [{"id": "a", "version": "1", "task": "segment", "title": "A", "licence": "MIT", "size": 10_224_566, "installed": "bundled", "path": "/x"},
+               {"id": "b", "version": "2", "task": "classify", "title": "", "licence": "CC-BY-4.0", "size": 999, "installed": "not installed", "path": None}]
+    rows = results.model_rows(listing)
+    assert [(r.id, r.installed, r.size) for r in rows] == [("a", True, "10.2 MB"), ("b", False, "999 B")]
+    assert [r.id for r in results.model_rows(listing, task="segment")] == ["a"]
+
+
+# --- environment ------------------------------------------------------------------------------------
+
+def test_library_root_for_source_checkout_and_installed_layout(tmp_path):
+    assert environment.library_root(MODULE_DIR) == ROOT
+    installed = tmp_path / "qt-scripted-modules"
+    (installed / "Med3DFMLib").mkdir(parents=True)
+    (installed / "Med3DFMLib" / "__init__.py").write_text("")
+    assert environment.library_root(installed) == installed.resolve()
+    with pytest.raises(FileNotFoundError):
+        environment.library_root(tmp_path / "elsewhere")
+
+
+def test_python_executable_prefers_pythonslicer(tmp_path):
+    assert environment.python_executable(None, which=lambda name: "/on/path/PythonSlicer") == "/on/path/PythonSlicer"
+    (tmp_path / "bin").mkdir()
+    exe = tmp_path / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    exe.write_text("")
+    assert environment.python_executable(str(tmp_path), which=lambda name: None) == str(exe)
+    assert environment.python_executable(None, which=lambda name: None) == sys.executable
+
+
+def test_job_environment_puts_the_library_first(tmp_path):
+    env = environment.job_environment({"PYTHONPATH": os.pathsep.join(["/a", str(tmp_path)]), "X": "1"}, tmp_path, {"Y": "2"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/a"]
+    assert env["PYTHONUNBUFFERED"] == "1" and env["X"] == "1" and env["Y"] == "2"
+
+
+def test_requirements_leave_out_what_slicer_and_the_pytorch_extension_provide():
+    requirements = environment.read_requirements(ROOT / "Resources" / "requirements.txt")
+    names = {environment.requirement_name(r).lower() for r in requirements}
+    assert {"monai", "safetensors", "slicerio", "pynrrd", "psutil", "tqdm", "jsonschema"} <= names
+    assert not names & {"torch", "simpleitk", "numpy", "vtk"}
+    from packaging.requirements import Requirement  # every line is a valid requirement
+
+    [Requirement(r) for r in requirements]
+    assert environment.requirement_name("monai[nibabel]>=1.3; python_version>'3'") == "monai"
+
+
+def test_cpu_estimate_grows_with_the_volume_and_shrinks_with_threads():
+    spec = {"spacing": [1.0, 1.0, 1.0], "window": [64, 64, 64]}
+    small = environment.estimate_cpu_seconds((39, 50, 40), (1, 1, 1), spec, threads=2)
+    large = environment.estimate_cpu_seconds((512, 512, 300), (0.8, 0.8, 1.5), spec, threads=2)
+    assert environment.JOB_OVERHEAD_SECONDS < small < large
+    assert environment.estimate_cpu_seconds((512, 512, 300), (0.8, 0.8, 1.5), spec, threads=16) < large
+    assert environment.describe_duration(7) == "about 5 s" and environment.describe_duration(300) == "about 5 min"
+    assert environment.describe_duration(4 * 3600).endswith("h")
+
+
+def test_diagnostics_text_has_versions_paths_and_the_last_error():
+    text = environment.diagnostics_text({"Slicer home": "/opt/Slicer"}, {"command": ["py", "-m", "x"], "returncode": 1, "error": "boom", "stderr": "line1\nmed3dfm: error: boom"},
+                                        environment.installed_versions(["numpy", "surely-not-installed-pkg"]))
+    assert "/opt/Slicer" in text and "med3dfm: error: boom" in text and "exit code  : 1" in text
+    assert "surely-not-installed-pkg: not installed" in text and "numpy: " in text
+
+
+# --- the job runner ---------------------------------------------------------------------------------
+
+def test_cancel_ends_the_whole_process_tree(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "tree.py"
+    script.write_text(textwrap.dedent("""
+        import json, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(json.dumps({"stage": "infer", "fraction": 0.1, "message": f"child {child.pid}"}), flush=True)
+        time.sleep(60)
+    """))
+    job = jobs.Job([sys.executable, str(script)], temp_dir=tmp_path / "job")
+    (tmp_path / "job").mkdir()
+    job.start()
+    events = []
+    deadline = time.monotonic() + 30
+    while not events and time.monotonic() < deadline:
+        events = [e for e in job.poll() if e.kind == "progress"]
+        time.sleep(0.05)
+    child_pid = int(events[0].message.split()[1])
+    assert job.running and psutil.pid_exists(child_pid)
+    job.cancel()
+    result = job.wait(timeout=30)
+    assert result.cancelled and not result.ok and result.error == "cancelled"
+    time.sleep(0.2)
+    assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+    job.cleanup()
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_failing_job_gives_one_readable_message(tmp_path):
+    command = jobs.segment_command(sys.executable, tmp_path / "missing.nrrd", tmp_path / "o.seg.nrrd", DEMO, "cpu")
+    job = jobs.Job(command, env=environment.job_environment(os.environ, ROOT)).start()
+    result = job.wait(timeout=120)
+    assert result.returncode == 1 and not result.ok
+    assert result.error and "\n" not in result.error and "missing.nrrd" in result.error
+    assert "med3dfm: error:" in result.stderr
+    assert not (tmp_path / "o.seg.nrrd").exists()
+
+
+# --- the module file and its .ui --------------------------------------------------------------------
+
+def test_module_files_byte_compile(tmp_path):
+    for path in [MODULE_FILE, *sorted((MODULE_DIR / "Med3DFMSupport").glob("*.py"))]:
+        py_compile.compile(str(path), cfile=str(tmp_path / (path.name + "c")), doraise=True)
+
+
+def _ui_names():
+    tree = ET.parse(UI_FILE)
+    widgets = {w.get("name"): w.get("class") for w in tree.iter("widget")}
+    bound = {}
+    for w in tree.iter("widget"):
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[w.get("name")] = prop.find("string").text
+    return widgets, bound
+
+
+def test_every_widget_the_code_uses_is_in_the_ui():
+    widgets, _bound = _ui_names()
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
+    assert used, "the module uses no widgets?"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"widgets used in Med3DFM.py but not in Med3DFM.ui: {missing}"
+    # the top-level widget passes the scene to every MRML combo box
+    receivers = {c.findtext("receiver") for c in ET.parse(UI_FILE).iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert receivers == {name for name, cls in widgets.items() if cls == "qMRMLNodeComboBox"}
+
+
+def test_ui_parameter_names_are_parameter_node_fields():
+    _widgets, bound = _ui_names()
+    module = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    wrapper = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "Med3DFMParameterNode")
+    fields = {s.target.id for s in wrapper.body if isinstance(s, ast.AnnAssign)}
+    assert set(bound.values()) <= fields and {"inputVolume", "outputSegmentation"} <= set(bound.values())
+
+
+def test_no_buttons_for_commands_the_cli_does_not_have():
+    text = UI_FILE.read_text(encoding="utf-8").lower() + MODULE_FILE.read_text(encoding="utf-8").lower()
+    for word in ("classify", "explain", "learn from labels", "fewshot"):
+        assert word not in text
+
+
+def test_icon_is_a_128_pixel_png():
+    data = (MODULE_DIR / "Resources" / "Icons" / "Med3DFM.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (128, 128)
+
+
+def test_extension_metadata():
+    catalog = json.loads((ROOT / "Med3DFM.json").read_text(encoding="utf-8"))
+    assert catalog["category"] == "Segmentation" and catalog["build_dependencies"] == []
+    assert catalog["scmurl"].startswith("https://") and catalog["scmrevision"] and catalog["$schema"].endswith("schema-v1.0.0.json#")
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    for text in ('EXTENSION_CATEGORY "Segmentation"', 'EXTENSION_CONTRIBUTORS "Med3DFM team"', "find_package(Slicer REQUIRED)",
+                 "include(${Slicer_USE_FILE})", "add_subdirectory(Med3DFM)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+                 "include(${Slicer_EXTENSION_CPACK})", 'set(EXTENSION_DEPENDS "NA")'):
+        assert text in cmake
+    module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    for path in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png", "Resources/models.json", "Resources/models.schema.json",
+                 "Resources/requirements.txt", "Med3DFMSupport/jobs.py"):
+        assert path in module_cmake
+    for support in (MODULE_DIR / "Med3DFMSupport").glob("*.py"):
+        assert f"Med3DFMSupport/{support.name}" in module_cmake
+
+
+# --- the Logic on the stand-in: node -> file -> real job -> nodes ---------------------------------------
+
+@pytest.fixture(scope="module")
+def module():
+    import slicer_standin
+
+    slicer_standin.install()
+    sys.modules.pop("Med3DFM", None)
+    return importlib.import_module("Med3DFM")
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_logic_segments_a_volume_node(module, hippocampus_case):
+    import slicer_standin
+
+    slicer = slicer_standin.slicer
+    image_path, labels_path = hippocampus_case
+    volume = slicer.util.loadVolume(str(image_path))
+    sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+    study = sh.CreateStudyItem(sh.CreatePatientItem(sh.GetSceneItemID(), "patient"), "study")
+    sh.SetItemParent(sh.GetItemByDataNode(volume), study)
+    existing = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "kept")
+
+    logic = module.Med3DFMLogic()
+    job_folders_before = set(Path(slicer.app.temporaryPath).iterdir())
+    segmentation_node, table_node = logic.segment(volume, DEMO, device="cpu", show3D=True, timeout=300)
+
+    # names, colours and terminology survive the .seg.nrrd -> node path exactly as the registry says
+    entry = environment.registry_entry(environment.read_registry(ROOT / "Resources" / "models.json"), DEMO)
+    expected = results.segment_display_info(entry)
+    segmentation = segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(expected)
+    for index, info in enumerate(expected):
+        segment = segmentation.GetNthSegment(index)
+        assert segment.GetName() == info.name
+        assert segment.GetColor() == pytest.approx(info.color, abs=1e-6)
+        assert segment.GetTerminology() == info.terminology  # read from the file, not set by the Logic
+        assert segment.closed_surface is not None and segment.closed_surface.GetNumberOfPoints() > 0
+
+    # geometry: reference = the input volume; the result matches the manual labels in physical space
+    assert np.allclose(segmentation_node.reference_geometry, slicer_standin._matrix_to_numpy(volume._ijk_to_ras))
+    reference = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(str(labels_path)))
+    for info in expected:
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segmentation.GetSegmentIdBySegmentName(info.name), volume) > 0
+        assert mask.shape == reference.shape
+        assert _dice(mask, reference == info.value) > 0.7, info.name
+
+    # table: one row per segment, with model id and version
+    table = table_node.GetTable()
+    assert table_node.GetNumberOfRows() == 2
+    columns = [table.GetColumn(i).GetName() for i in range(table.GetNumberOfColumns())]
+    assert columns[:3] == ["model", "model version", "segment"] and "volume_ml" in columns
+    assert table.GetColumnByName("model").GetValue(0) == DEMO
+    assert table.GetColumnByName("model version").GetValue(0) == entry["version"]
+    assert table.GetColumnByName("volume_ml").GetValue(0) > 0.5
+
+    # provenance on every output; outputs in the input's study; nothing else touched; temp files gone
+    for node in (segmentation_node, table_node):
+        record = json.loads(node.GetAttribute(results.PROVENANCE_ATTRIBUTE))
+        assert record["model"]["id"] == DEMO and record["model"]["sha256"] == entry["files"][0]["sha256"]
+        assert node.GetAttribute(results.MODEL_ATTRIBUTE) == f"{DEMO}@{entry['version']}"
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
+    assert existing.GetSegmentation().GetNumberOfSegments() == 0 and existing in slicer.mrmlScene.nodes
+    assert segmentation_node.GetName() == f"{volume.GetName()} {DEMO}"
+    assert set(Path(slicer.app.temporaryPath).iterdir()) == job_folders_before
+    assert logic.lastJob["returncode"] == 0
+
+
+def test_logic_replaces_segments_only_in_the_chosen_output_node(module, hippocampus_case):
+    import slicer_standin
+
+    slicer = slicer_standin.slicer
+    volume = slicer.util.loadVolume(str(hippocampus_case[0]))
+    chosen = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen")
+    chosen.GetSegmentation().AddSegment(slicer_standin.Segment("old", (1, 0, 0), np.zeros((2, 2, 2), np.uint8), np.eye(4)), "old")
+    nodes_before = len(slicer.mrmlScene.nodes)
+    segmentation_node, _table = module.Med3DFMLogic().segment(volume, DEMO, device="cpu", outputSegmentationNode=chosen, timeout=300)
+    assert segmentation_node is chosen and chosen.GetName() == "chosen"
+    names = [chosen.GetSegmentation().GetNthSegment(i).GetName() for i in range(chosen.GetSegmentation().GetNumberOfSegments())]
+    assert names == ["anterior hippocampus", "posterior hippocampus"]
+    assert len(slicer.mrmlScene.nodes) == nodes_before + 1  # the table; the loaded copy was removed
+
+
+def test_logic_reports_a_failed_job(module, hippocampus_case):
+    import slicer_standin
+
+    slicer = slicer_standin.slicer
+    volume = slicer.util.loadVolume(str(hippocampus_case[0]))
+    with pytest.raises(module.Med3DFMJobError) as failure:
+        module.Med3DFMLogic().segment(volume, "no-such-model", device="cpu", timeout=120)
+    assert "no-such-model" in str(failure.value) and "\n" not in str(failure.value)
+    assert "error" in failure.value.details
+
+
+def test_logic_lists_models_through_the_cli(module):
+    listing = module.Med3DFMLogic().listModels()
+    demo = next(m for m in listing if m["id"] == DEMO)
+    assert demo["installed"] in ("bundled", "bundled+cache") and demo["licence"]
+    assert results.model_rows(listing, task="segment")[0].installed
