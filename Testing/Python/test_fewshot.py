@@ -14,10 +14,9 @@ import slicerio
 import torch
 
 from Med3DFMLib.cli import main
-from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.fewshot.features import cache_dir, prune_cache
 from Med3DFMLib.fewshot.labels import IGNORE, supervision_from_labels
-from Med3DFMLib.io.segmentations import LabelVolume, SegmentInfo, read_labels, write_seg_nrrd
+from Med3DFMLib.io.segmentations import LabelVolume, SegmentInfo, write_seg_nrrd
 from Med3DFMLib.io.volumes import read_volume
 from Med3DFMLib.weights import read_weights, write_weights
 

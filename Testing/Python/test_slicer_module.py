@@ -14,12 +14,10 @@ import os
 import py_compile
 import re
 import struct
-import subprocess
 import sys
 import textwrap
 import time
 import xml.etree.ElementTree as ET
-import zlib
 from pathlib import Path
 
 import numpy as np
