@@ -1,7 +1,9 @@
-"""Med3DFM: 3D medical foundation models in 3D Slicer (segmentation; more tasks plug into the same jobs).
+"""Med3DFM: 3D medical foundation models in 3D Slicer (segmentation, learning new structures from a few
+painted slices; more tasks plug into the same jobs).
 
-The module holds no model code. It writes the input volume to a per-job temporary folder, runs the
-library's command line (`PythonSlicer -m Med3DFMLib.cli ...`) in a background process, shows its JSON
+The module holds no model code. It writes the input volume (and, to learn from labels, the painted
+segments as a .seg.nrrd) to a per-job temporary folder, runs the library's command line
+(`PythonSlicer -m Med3DFMLib.cli segment|adapt|models ...`) in a background process, shows its JSON
 progress lines, and turns the outputs (.seg.nrrd, .tsv, job record) into nodes. Everything that does
 not need Slicer lives in the Med3DFMSupport package next to this file.
 """
@@ -39,6 +41,7 @@ from Med3DFMSupport import environment, jobs, results
 MODULE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "hippocampus-mr-demo"
 DEVICE_LABELS = {"auto": "Automatic", "cpu": "CPU", "cuda": "GPU (CUDA)"}
+LEARN_MODES = ("adapter", "prototype")  # order of the items of learnModeComboBox in the .ui
 SAMPLE_NAME = "Med3DFMHippocampusMR"
 POLL_INTERVAL_MS = 200
 
@@ -59,7 +62,9 @@ class Med3DFM(ScriptedLoadableModule):
             "Segment CT and MR volumes with Med3DFM, a 3D medical foundation model. Pick a volume and a model and "
             "click <b>Segment</b>: a segmentation with named, coloured and coded segments and a table of segment "
             "volumes appear next to the input. Jobs run in a separate process; the panel stays responsive and "
-            "<b>Cancel</b> stops a job. The <b>Models</b> section lists, downloads, imports and deletes models. "
+            "<b>Cancel</b> stops a job. <b>Learn from labels</b> learns a new structure from a few slices painted in the "
+            "Segment Editor and fills in the rest of the volume; the result can be saved as a model. "
+            "The <b>Models</b> section lists, downloads, imports and deletes models. "
             "Results are for research use, not for diagnosis."
         )
         self.parent.acknowledgementText = _(
@@ -118,6 +123,9 @@ class Med3DFMParameterNode:
     modelId - registry id of the segmentation model.
     device - "auto", "cpu" or "cuda".
     show3D - build closed surfaces of the result.
+    learnSegmentation - Learn from labels: the segmentation with the painted segments of inputVolume.
+    learnName - the name of the new structure(s) and of the adapter.
+    learnMode - "adapter" (a small trained network) or "prototype" (training-free instant guess).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -125,6 +133,9 @@ class Med3DFMParameterNode:
     modelId: Annotated[str, Default(DEFAULT_MODEL)]
     device: Annotated[str, Choice(["auto", "cpu", "cuda"]), Default("auto")]
     show3D: Annotated[bool, Default(True)]
+    learnSegmentation: vtkMRMLSegmentationNode
+    learnName: Annotated[str, Default("")]
+    learnMode: Annotated[str, Choice(["adapter", "prototype"]), Default("adapter")]
 
 
 #
@@ -154,6 +165,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._modelsJob = None
+        self._learnJob = None
+        self._learnedAdapter: Optional[Path] = None
+        self._selectAfterImport: Optional[str] = None
         self._timer = None
         self._modelRows: List[results.ModelRow] = []
 
@@ -181,6 +195,10 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelModelsButton.connect("clicked(bool)", self.onCancelModelsJob)
         self.ui.forceReinstallButton.connect("clicked(bool)", self.onForceReinstall)
         self.ui.copyDiagnosticsButton.connect("clicked(bool)", self.onCopyDiagnostics)
+        self.ui.learnButton.connect("clicked(bool)", self.onLearnButton)
+        self.ui.learnCancelButton.connect("clicked(bool)", self.onLearnCancelButton)
+        self.ui.learnModeComboBox.connect("currentIndexChanged(int)", self.onLearnModeChanged)
+        self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -191,7 +209,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for job in (self._job, self._modelsJob):
+        for job in (self._job, self._modelsJob, self._learnJob):
             if job is not None:
                 job.cancel()
                 job.cleanup()
@@ -240,13 +258,17 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
         try:
-            entries = self.logic.registryModels(task="segment")
+            choices = self.logic.segmentModelChoices()
         except Exception as err:  # a broken registry must not break the panel
             logging.error(f"Med3DFM: cannot read the model registry: {err}")
-            entries = []
-        for entry in entries:
-            self.ui.modelComboBox.addItem(f"{entry.get('title') or entry['id']} ({entry['id']})", entry["id"])
+            choices = []
+        for label, modelId in choices:
+            self.ui.modelComboBox.addItem(label, modelId)
         self.ui.modelComboBox.blockSignals(wasBlocked)
+        if self._parameterNode:
+            index = self.ui.modelComboBox.findData(self._parameterNode.modelId)
+            if index >= 0:
+                self.ui.modelComboBox.currentIndex = index
 
     def _updateGUI(self, caller=None, event=None) -> None:
         node = self._parameterNode
@@ -258,6 +280,10 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             deviceIndex = list(DEVICE_LABELS).index(node.device)
             if deviceIndex != self.ui.deviceComboBox.currentIndex:
                 self.ui.deviceComboBox.currentIndex = deviceIndex
+            modeIndex = LEARN_MODES.index(node.learnMode) if node.learnMode in LEARN_MODES else 0
+            if modeIndex != self.ui.learnModeComboBox.currentIndex:
+                self.ui.learnModeComboBox.currentIndex = modeIndex
+        self._updateLearnGUI()
         canApply = bool(node and node.inputVolume and node.modelId) and not running
         self.ui.applyButton.enabled = canApply
         self.ui.applyButton.toolTip = _("Segment the input volume") if canApply else _("Select an input volume and a model")
@@ -304,9 +330,11 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPollJobs(self) -> None:
         if self._job is not None:
             self._pollSegmentJob()
+        if self._learnJob is not None:
+            self._pollLearnJob()
         if self._modelsJob is not None:
             self._pollModelsJob()
-        if self._job is None and self._modelsJob is None:
+        if self._job is None and self._modelsJob is None and self._learnJob is None:
             self._timer.stop()
 
     def _pollSegmentJob(self) -> None:
@@ -345,6 +373,97 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bar.visible = True
         bar.value = int(round(100 * fraction))
         bar.setFormat(f"%p% {text}")
+
+    # --- Learn from labels ---------------------------------------------------------------------
+
+    def _updateLearnGUI(self) -> None:
+        node = self._parameterNode
+        running = self._learnJob is not None
+        ready = bool(node and node.inputVolume and node.learnSegmentation and node.learnName.strip())
+        self.ui.learnButton.enabled = ready and not running
+        self.ui.learnButton.toolTip = (_("Learn the painted structures and segment them in the whole volume") if ready
+                                       else _("Select the input volume (Segment section), the painted segmentation and a name"))
+        self.ui.learnCancelButton.enabled = running
+        self.ui.saveAdapterButton.enabled = self._learnedAdapter is not None and not running and self._modelsJob is None
+
+    def onLearnModeChanged(self, index: int) -> None:
+        if self._parameterNode and 0 <= index < len(LEARN_MODES):
+            self._parameterNode.learnMode = LEARN_MODES[index]
+
+    def onLearnButton(self) -> None:
+        node = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start learning."), waitCursor=True):
+            if not self.logic.ensureDependencies(askConfirmation=True):
+                self.ui.learnStatusLabel.text = _("Python packages are missing: learning was not started.")
+                return
+            self._learnJob = self.logic.startLearnFromLabels(node.inputVolume, node.learnSegmentation, node.learnName, node.learnMode, node.device)
+            self._learnedAdapter = None
+            self._setProgress(self.ui.learnProgressBar, 0, _("Starting..."))
+            self.ui.learnStatusLabel.text = _("Learning from: {names}").format(names=", ".join(self._learnJob.context["structures"]))
+            self._timer.start()
+        self._updateGUI()
+
+    def onLearnCancelButton(self) -> None:
+        if self._learnJob is not None:
+            self._learnJob.cancel()
+            self.ui.learnStatusLabel.text = _("Cancelling...")
+
+    def _pollLearnJob(self) -> None:
+        job = self._learnJob
+        for event in job.poll():
+            if event.kind != "progress":
+                continue
+            text = event.message or event.stage
+            if event.stage == "train":
+                dice = jobs.held_out_dice(event.message, event.data)
+                if dice is not None:
+                    text = _("training: held-out Dice {dice:.2f}").format(dice=dice)
+            self._setProgress(self.ui.learnProgressBar, event.overall, text)
+            self.ui.learnStatusLabel.text = text
+        if not job.finished:
+            return
+        self._learnJob = None
+        self.ui.learnProgressBar.visible = False
+        try:
+            if job.cancelled:
+                self.ui.learnStatusLabel.text = _("Cancelled; the segmentation was not changed.")
+                return
+            learned = self.logic.finishLearnFromLabels(job)
+            self._learnedAdapter = learned["adapter"]
+            self.ui.learnStatusLabel.text = _("Done: {summary}. Correct the result in the Segment Editor and learn again, "
+                                              "or save the adapter as a model.").format(summary=results.training_summary(learned["record"]))
+            if job.context.get("skipped"):
+                self.ui.learnStatusLabel.text += " " + _("Empty segments left out: {names}.").format(names=", ".join(job.context["skipped"]))
+        except Med3DFMJobError as err:
+            self.ui.learnStatusLabel.text = _("Failed: {message}").format(message=str(err))
+            slicer.util.errorDisplay(_("Learning failed: {message}").format(message=str(err)), detailedText=err.details)
+        except Exception as err:
+            import traceback
+
+            self.ui.learnStatusLabel.text = _("Failed: {message}").format(message=str(err))
+            slicer.util.errorDisplay(_("Loading the learned segments failed: {message}").format(message=str(err)), detailedText=traceback.format_exc())
+        finally:
+            job.cleanup()
+            self._updateGUI()
+
+    def onSaveAdapter(self) -> None:
+        adapter = self._learnedAdapter
+        if adapter is None or self._modelsJob is not None:
+            return
+        adapterId = results.adapter_id(adapter.name[: -len(".safetensors")])
+        if not slicer.util.confirmOkCancelDisplay(
+            _("Save the learned adapter as the model '{id}'? It is listed with the other models and can be chosen in the "
+              "Segment section. A model saved earlier under this name is replaced.").format(id=adapterId)):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to save the adapter."), waitCursor=True):
+            arguments = self.logic.adapterImportArguments(adapter)
+            self._modelsJob = self.logic.startModelsJob("import", arguments)
+            self._selectAfterImport = adapterId
+            self.ui.modelsCollapsibleButton.collapsed = False
+            self._setProgress(self.ui.modelsProgressBar, 0, _("Saving {id}").format(id=adapterId))
+            self.ui.cancelModelsButton.enabled = True
+            self._timer.start()
+        self._updateGUI()
 
     # --- Models --------------------------------------------------------------------------------
 
@@ -429,6 +548,11 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelsStatusLabel.text = _("Failed: {message}").format(message=result.error)
             slicer.util.errorDisplay(_("Model operation failed: {message}").format(message=result.error), detailedText=result.stderr)
         self.refreshModels()
+        selectId, self._selectAfterImport = self._selectAfterImport, None
+        if selectId and result.ok and self._parameterNode and self.ui.modelComboBox.findData(selectId) >= 0:
+            self._parameterNode.modelId = selectId  # a saved adapter is ready for the Segment button
+            self.ui.learnStatusLabel.text = _("Saved as the model '{id}': choose it in the Segment section for other volumes.").format(id=selectId)
+        self._updateGUI()
 
     # --- Troubleshooting -----------------------------------------------------------------------
 
@@ -455,6 +579,8 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
 
         logic = Med3DFMLogic()
         segmentationNode, tableNode = logic.segment(volumeNode, "hippocampus-mr-demo", device="auto")
+        # paint a few slices of a new structure in the Segment Editor, then:
+        adapterPath = logic.learnFromLabels(volumeNode, paintedSegmentationNode, "left atrium")
     """
 
     def __init__(self) -> None:
@@ -481,6 +607,15 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
     def registryModels(self, task: Optional[str] = None) -> List[Dict[str, Any]]:
         registry = environment.read_registry(self.registryPath())
         return [m for m in registry.get("models", []) if task is None or m.get("task") == task]
+
+    def segmentModelChoices(self) -> List[Tuple[str, str]]:
+        """(label, id) for the Segment model list: registry segmentation models, then adapters saved from Learn from labels."""
+        try:
+            adapters = results.installed_models(self.modelsFolder(), task="adapter")
+        except Exception as err:  # an unreadable model folder must not hide the built-in models
+            logging.warning(f"Med3DFM: cannot list saved adapters: {err}")
+            adapters = []
+        return results.segment_model_choices(self.registryModels(task="segment"), adapters)
 
     def modelsFolder(self) -> Path:
         from Med3DFMLib.registry.cache import models_home  # torch-free
@@ -753,6 +888,201 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         for node in nodes:
             if node is not None:
                 shNode.SetItemParent(shNode.GetItemByDataNode(node), parent)
+
+    # --- learn from labels -----------------------------------------------------------------------
+
+    def adaptersFolder(self) -> Path:
+        """Where learned adapters are kept until (and after) they are saved to the model folder."""
+        base = Path(slicer.app.temporaryPath or tempfile.gettempdir())
+        return base / "Med3DFM-adapters"
+
+    @staticmethod
+    def _ijkToRasArray(volumeNode):
+        import numpy as np
+
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+    @staticmethod
+    def learnedSegmentIds(segmentationNode, segmentIds: Optional[List[str]] = None) -> List[str]:
+        """The segments to learn from: the given ids, else every segment visible in the views.
+
+        Hidden segments (e.g. finished structures from an earlier run) are neither learned nor changed.
+        """
+        segmentation = segmentationNode.GetSegmentation()
+        allIds = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        if segmentIds is not None:
+            unknown = [i for i in segmentIds if i not in allIds]
+            if unknown:
+                raise ValueError(f"no segment with id {unknown[0]} in {segmentationNode.GetName()}")
+            return [i for i in allIds if i in segmentIds]
+        displayNode = segmentationNode.GetDisplayNode()
+        if displayNode is None:
+            return allIds
+        return [i for i in allIds if displayNode.GetSegmentVisibility(i)]
+
+    def paintedSegments(self, volumeNode, segmentationNode, segmentIds: Optional[List[str]] = None) -> List["results.PaintedSegment"]:
+        """The segments to learn from, each as a mask on the volume's grid (Slicer resamples if needed)."""
+        import numpy as np
+
+        segmentation = segmentationNode.GetSegmentation()
+        shape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
+        painted = []
+        for segmentId in self.learnedSegmentIds(segmentationNode, segmentIds):
+            segment = segmentation.GetSegment(segmentId)
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+            mask = np.zeros(shape, dtype=bool) if mask is None else np.asarray(mask) > 0
+            painted.append(results.PaintedSegment(segmentId, segment.GetName(), tuple(segment.GetColor()),
+                                                  self.segmentTerminology(segment), mask))
+        return painted
+
+    def exportPaintedLabels(self, volumeNode, segmentationNode, path: Path, segmentIds: Optional[List[str]] = None) -> "results.PaintedLabels":
+        """The painted segments as one .seg.nrrd on the volume's geometry (what `adapt --labels` reads)."""
+        try:
+            painted = results.painted_labels(self.paintedSegments(volumeNode, segmentationNode, segmentIds))
+        except ValueError as err:
+            raise Med3DFMJobError(str(err)) from None
+        results.write_painted_segmentation(path, painted, self._ijkToRasArray(volumeNode))
+        return painted
+
+    def checkAdapterName(self, name: str) -> str:
+        """The adapter id for `name`; refuses names that would shadow a built-in model."""
+        if not name or not name.strip():
+            raise Med3DFMJobError(_("Give the new structure a name."))
+        adapterId = results.adapter_id(name)
+        if any(entry.get("id") == adapterId for entry in self.registryModels()):
+            raise Med3DFMJobError(_("'{name}' is the name of a built-in model; choose another name.").format(name=name))
+        return adapterId
+
+    def startLearnFromLabels(self, volumeNode, segmentationNode, name: str, mode: str = "adapter", device: str = "auto",
+                             segmentIds: Optional[List[str]] = None) -> "jobs.Job":
+        """Start `adapt` in the background on the painted segments; poll job.poll(), then finishLearnFromLabels(job)."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise ValueError(_("The input volume has no image data."))
+        if segmentationNode is None:
+            raise ValueError(_("Choose the segmentation that holds the painted segments."))
+        self.checkAdapterName(name)
+        folder = self._newJobFolder()
+        try:
+            inputPath = folder / "input.nrrd"
+            self.writeVolume(volumeNode, inputPath)
+            labelsPath = folder / "painted.seg.nrrd"
+            painted = self.exportPaintedLabels(volumeNode, segmentationNode, labelsPath, segmentIds)
+            adapter = folder / results.adapter_file_name(name)
+            output = folder / "learned.seg.nrrd"
+            command = jobs.adapt_command(self.pythonExecutable(), inputPath, labelsPath, name.strip(), adapter, mode, device, segment=output)
+            job = jobs.Job(command, kind="adapt", env=self.jobEnvironment(), cwd=str(folder), temp_dir=folder)
+            job.context.update(volumeNode=volumeNode, segmentationNode=segmentationNode, name=name.strip(), mode=mode,
+                               adapter=adapter, output=output, structures=painted.structures, skipped=painted.skipped)
+            job.start()
+        except Exception:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        logging.info("Med3DFM job: " + subprocess.list2cmdline(command))
+        return job
+
+    def finishLearnFromLabels(self, job: "jobs.Job") -> Dict[str, Any]:
+        """Keep the adapter, put the learned segments into the painted node, attach the record.
+
+        Returns {"adapter": path of the kept adapter, "record": the job record, "segmentIds": updated
+        or added segment ids, "segmentationNode": the painted node}.
+        """
+        import shutil
+
+        result = job.result()
+        self.rememberJob(result)
+        if result.cancelled:
+            raise Med3DFMJobError(_("cancelled"), result.stderr)
+        if not result.ok:
+            raise Med3DFMJobError(result.error or _("the job failed"), result.stderr)
+        learned = Path(result.outputs.get("adapter") or job.context["adapter"])
+        record = results.adapter_record(learned)
+        folder = self.adaptersFolder()
+        folder.mkdir(parents=True, exist_ok=True)
+        adapter = folder / learned.name
+        shutil.copyfile(learned, adapter)
+        (folder / (learned.name[: -len(".safetensors")] + ".json")).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+        segmentationNode = job.context["segmentationNode"]
+        volumeNode = job.context["volumeNode"]
+        output = Path(result.outputs.get("segmentation") or job.context["output"])
+        segmentIds = self.applyLearnedSegments(output, volumeNode, segmentationNode, record.get("adapter", {}).get("classes") or job.context["structures"])
+        segmentationNode.SetAttribute(results.PROVENANCE_ATTRIBUTE, json.dumps(record, sort_keys=True))
+        segmentationNode.SetAttribute(results.MODEL_ATTRIBUTE, str(record.get("adapter", {}).get("id", "")))
+        segmentationNode.SetAttribute(results.ADAPTER_ATTRIBUTE, str(adapter))
+        return {"adapter": adapter, "record": record, "segmentIds": segmentIds, "segmentationNode": segmentationNode}
+
+    def applyLearnedSegments(self, output: Path, volumeNode, segmentationNode, structures: List[str]) -> List[str]:
+        """Replace the painted structures (matched by name) with the full result; add any that are missing.
+
+        Background and every other segment of the node are left as they are.
+        """
+        loaded = slicer.util.loadSegmentation(str(output))
+        if loaded is None:
+            raise RuntimeError(f"Slicer could not load {Path(output).name}")
+        try:
+            source = loaded.GetSegmentation()
+            sourceIds = {source.GetNthSegment(i).GetName(): source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())}
+            target = segmentationNode.GetSegmentation()
+            existing = {target.GetNthSegmentID(i): target.GetNthSegment(i).GetName() for i in range(target.GetNumberOfSegments())}
+            changed = []
+            for update in results.segments_to_update(list(sourceIds), existing, structures):
+                sourceId = sourceIds[update.result_name]
+                if update.target_id is None:
+                    before = {target.GetNthSegmentID(i) for i in range(target.GetNumberOfSegments())}
+                    target.CopySegmentFromSegmentation(source, sourceId)
+                    changed += [target.GetNthSegmentID(i) for i in range(target.GetNumberOfSegments()) if target.GetNthSegmentID(i) not in before]
+                else:
+                    mask = slicer.util.arrayFromSegmentBinaryLabelmap(loaded, sourceId, volumeNode)
+                    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, update.target_id, volumeNode)
+                    changed.append(update.target_id)
+        finally:
+            slicer.mrmlScene.RemoveNode(loaded)
+        segmentationNode.CreateDefaultDisplayNodes()
+        return changed
+
+    def adapterImportArguments(self, adapter: Path) -> List[str]:
+        """Make room for a new copy of a learned adapter in the model folder; the `models import` arguments.
+
+        Every learned adapter has version 1.0.0, so a copy saved earlier under the same name is removed
+        first (the library refuses to overwrite a different file of the same id@version).
+        """
+        adapterId = results.adapter_id(Path(adapter).name[: -len(".safetensors")])
+        for entry in results.installed_models(self.modelsFolder(), task="adapter"):
+            if entry.get("id") == adapterId:
+                self._runModelsCommand("remove", [f"{entry['id']}@{entry['version']}"])
+        return [str(adapter)]
+
+    def saveAdapter(self, adapter: Path) -> Path:
+        """Install a learned adapter into the model folder (`models import`), listed beside the built-in models."""
+        completed = self._runModelsCommand("import", self.adapterImportArguments(adapter))
+        for line in completed.stdout.splitlines():
+            event = jobs.parse_progress_line(line, "models")
+            if event.kind == "result" and event.stage == "imported" and event.data.get("path"):
+                return Path(event.data["path"])
+        raise Med3DFMJobError(_("the adapter was not imported"), completed.stdout + completed.stderr)
+
+    def learnFromLabels(self, volumeNode, segmentationNode, name: str, mode: str = "adapter", device: str = "auto",
+                        save: bool = True, timeout: Optional[float] = None, segmentIds: Optional[List[str]] = None) -> Path:
+        """Learn structures from a few painted slices, synchronously (scripts, tests).
+
+        Learns from the visible segments of `segmentationNode` (or `segmentIds`); a segment named
+        "background" marks explicit negatives. The painted structures are replaced by the full 3D
+        result; background and other segments stay. Returns the adapter file: its copy in the model
+        folder when `save` (then usable by Segment), else the kept copy in adaptersFolder().
+        """
+        job = self.startLearnFromLabels(volumeNode, segmentationNode, name, mode, device, segmentIds)
+        try:
+            job.wait(timeout=timeout)
+            learned = self.finishLearnFromLabels(job)
+        finally:
+            job.cleanup()
+        if save:
+            return self.saveAdapter(learned["adapter"])
+        return learned["adapter"]
 
     # --- models --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.models.config import VARIANTS
 from Med3DFMLib.progress import Progress, default_mode
 from Med3DFMLib.registry.cli import add_models_parser
+from Med3DFMLib.classify_cli import add_classify_parsers
 
 DEFAULT_SEGMENT_MODEL = "hippocampus-mr-demo"
 
@@ -40,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
     _add_common(segment)
 
-    adapt = commands.add_parser("adapt", help="learn a new structure from a few labelled slices or volumes (few-shot adapter)")
-    adapt.add_argument("--image", type=Path, action="append", required=True, help="labelled image; repeat with --labels for several")
-    adapt.add_argument("--labels", type=Path, action="append", required=True, help="label map or .seg.nrrd for the --image before it (sparse slices are fine)")
+    adapt = commands.add_parser("adapt", help="learn a new structure (few-shot segmentation) or a classifier from a few labelled scans")
+    adapt.add_argument("--task", choices=["segment", "classify"], default="segment")
+    adapt.add_argument("--image", type=Path, action="append", help="labelled image; repeat with --labels (segment) or --class (classify) for several")
+    adapt.add_argument("--labels", type=Path, action="append", help="label map or .seg.nrrd for the --image before it (sparse slices are fine)")
+    adapt.add_argument("--class", dest="classes", action="append", help="classify: the class of the --image before it")
+    adapt.add_argument("--roi", type=Path, action="append", help="classify: region (label map or .seg.nrrd) of the --image before it")
+    adapt.add_argument("--list", type=Path, help="classify: CSV with a header image,class[,roi][,mask] (paths relative to the CSV)")
     adapt.add_argument("--name", required=True, help='name of the structure(s) / adapter, e.g. "left atrium"')
     adapt.add_argument("-o", "--output", type=Path, required=True, help="adapter file (.safetensors)")
     adapt.add_argument("--mode", choices=["adapter", "prototype"], default="adapter", help="adapter: train a small MLP (seconds); prototype: training-free instant guess")
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--name", default="med3dfm-encoder", help="model id written into the encoder's card")
     _add_common(pretrain)
 
+    add_classify_parsers(commands)
     add_models_parser(commands)
     return parser
 
@@ -105,9 +111,18 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
             segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])
             print(f"wrote {args.output} ({segments}) in {record['timings_s']['total']:.1f} s on {record['device']}")
         return 0
+    if args.command == "adapt" and args.task == "classify":
+        from Med3DFMLib.classify_cli import run_adapt_classify
+
+        return run_adapt_classify(args, progress)
     if args.command == "adapt":
         from Med3DFMLib.fewshot.adapt import run_adapt
 
+        if args.classes or args.list or args.roi:
+            raise Med3DFMError("--class, --roi and --list belong to --task classify")
+        args.image, args.labels = args.image or [], args.labels or []
+        if not args.image or not args.labels:
+            raise Med3DFMError("adapt needs --image and --labels (one --labels per --image)")
         if len(args.image) != len(args.labels):
             raise Med3DFMError(f"each --image needs its --labels ({len(args.image)} images, {len(args.labels)} label files)")
         record = run_adapt(
@@ -126,6 +141,10 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         if progress.mode != "json" and os.environ.get("RANK", "0") == "0":
             print(f"pretrained {summary['steps']} steps in {summary['seconds']:.0f} s → {args.output / 'encoder.safetensors'}")
         return 0
+    if args.command in ("classify", "explain"):
+        from Med3DFMLib.classify_cli import run_classify_command
+
+        return run_classify_command(args, progress)
     if args.command == "models":
         from Med3DFMLib.registry.cli import run_models_command
 

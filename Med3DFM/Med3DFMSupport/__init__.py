@@ -1,6 +1,6 @@
 """Everything the Med3DFM Slicer module does that needs neither Slicer nor Qt.
 
-Building job command lines, running a job in a background process and reading its JSON progress
+Building job command lines (segment, adapt, models), running a job in a background process and reading its JSON progress
 lines, reading the job record and table, turning registry labels into Slicer terminology strings,
 estimating CPU run time and writing the diagnostics text. The module file (Med3DFM.py) only turns
 nodes into files, calls these, and turns files back into nodes; this package is tested without
@@ -24,15 +24,22 @@ from Med3DFMSupport.jobs import (  # noqa: F401
     Job,
     JobEvent,
     JobResult,
+    adapt_command,
+    held_out_dice,
     models_command,
     parse_progress_line,
     segment_command,
 )
 from Med3DFMSupport.results import (  # noqa: F401
+    PaintedSegment,
     SegmentResult,
+    installed_models,
+    painted_labels,
     read_job_record,
     read_tsv,
     record_path_for,
     segment_display_info,
+    segments_to_update,
     terminology_string,
+    write_painted_segmentation,
 )

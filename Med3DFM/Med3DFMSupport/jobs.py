@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 CLI_MODULE = "Med3DFMLib.cli"
 DEVICES = ("auto", "cpu", "cuda")
+ADAPT_MODES = ("adapter", "prototype")  # adapter: a small trained MLP; prototype: the training-free instant guess
 
 # Where each stage of a command sits in the overall progress bar: stage -> (start, end).
 STAGE_SPANS: Dict[str, Dict[str, Tuple[float, float]]] = {
@@ -41,6 +43,16 @@ STAGE_SPANS: Dict[str, Dict[str, Tuple[float, float]]] = {
         "done": (1.0, 1.0),
     },
     "models": {"download": (0.0, 1.0), "import": (0.0, 1.0), "done": (1.0, 1.0)},
+    # `adapt`: encoder features are computed once per image (then cached), training takes most of a
+    # CPU run, segmenting the image with the new adapter is quick.
+    "adapt": {
+        "load": (0.0, 0.05),
+        "download": (0.0, 0.05),
+        "features": (0.05, 0.30),
+        "train": (0.30, 0.92),
+        "segment": (0.92, 0.99),
+        "done": (1.0, 1.0),
+    },
 }
 
 
@@ -84,6 +96,63 @@ def models_command(python: str, action: str, arguments: Sequence[str] = (), regi
     if registry:
         command += ["--registry", str(registry)]
     return command
+
+
+def adapt_command(
+    python: str,
+    image: Path,
+    labels: Path,
+    name: str,
+    output: Path,
+    mode: str = "adapter",
+    device: str = "auto",
+    segment: Optional[Path] = None,
+    encoder: Optional[str] = None,
+    registry: Optional[str] = None,
+    seed: Optional[int] = None,
+) -> List[str]:
+    """`PythonSlicer -m Med3DFMLib.cli adapt --image IMG --labels SEG --name NAME -o ADAPTER ... --progress json`."""
+    if not name or not name.strip():
+        raise ValueError("the new structure needs a name")
+    if mode not in ADAPT_MODES:
+        raise ValueError(f"mode must be one of {', '.join(ADAPT_MODES)}, not {mode!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if not str(output).endswith(".safetensors"):
+        raise ValueError(f"the adapter file must end in .safetensors: {output}")
+    if not str(labels).lower().endswith(".seg.nrrd"):
+        raise ValueError(f"the painted labels must be a .seg.nrrd: {labels}")
+    command = [python, "-m", CLI_MODULE, "adapt", "--image", str(image), "--labels", str(labels), "--name", name.strip(),
+               "-o", str(output), "--mode", mode, "--device", device]
+    if segment is not None:
+        if not str(segment).lower().endswith(".seg.nrrd"):
+            raise ValueError(f"the segmentation output must end in .seg.nrrd: {segment}")
+        command += ["--segment", str(segment)]
+    if encoder:
+        command += ["--encoder", str(encoder)]
+    if registry:
+        command += ["--registry", str(registry)]
+    if seed is not None:
+        command += ["--seed", str(int(seed))]
+    return command + ["--progress", "json"]
+
+
+_DICE = re.compile(r"held-out dice\s*[:=]?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def held_out_dice(message: str, data: Optional[Mapping[str, Any]] = None) -> Optional[float]:
+    """The held-out Dice a "train" progress line reports (a number field, else the message), if it is one."""
+    for key in ("held_out_dice", "dice", "val_dice"):
+        value = (data or {}).get(key)
+        if isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0:
+            return float(value)
+    match = _DICE.search(message or "")
+    if match:
+        value = float(match.group(1))
+        if 0.0 <= value <= 1.0:  # anything else is not a Dice (e.g. a negative loss score)
+            return value
+    return None
+
 
 
 @dataclass

@@ -1,11 +1,15 @@
-"""A finished job's files, understood: the record, the table, the segments' names/colours/terminology."""
+"""A finished job's files, understood: the record, the table, the segments' names/colours/terminology;
+and for Learn from labels: the painted segments as one .seg.nrrd, and which result segments go back where."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
 
 # The context names the library writes when a registry entry leaves them out (Med3DFMLib.io.segmentations).
 SLICER_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
@@ -166,3 +170,251 @@ def model_rows(listing: Sequence[Mapping[str, Any]], task: Optional[str] = None)
                              str(item.get("licence", "?")), human_size(float(item.get("size", 0))),
                              where in ("bundled", "cache", "bundled+cache"), where, item.get("path")))
     return rows
+
+
+# --- Learn from labels: painted segments -> .seg.nrrd, the result -> the painted node ------------------
+
+# Segment names that mean "not the structure" (the library's rule: Med3DFMLib.fewshot.labels).
+BACKGROUND_NAMES = frozenset({"background", "bg", "negative"})
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+ADAPTER_ATTRIBUTE = "Med3DFM.adapter"
+
+
+def is_background(name: str) -> bool:
+    return name.strip().lower() in BACKGROUND_NAMES
+
+
+def adapter_id(name: str) -> str:
+    """The id the library gives an adapter called `name` (its card's `id`): lower-case, `-` separated."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "adapter"
+
+
+def adapter_file_name(name: str) -> str:
+    return adapter_id(name) + ".safetensors"
+
+
+def training_summary(record: Mapping[str, Any]) -> str:
+    """One line for the status label from the adapt job record."""
+    training = record.get("training", {}) or {}
+    adapter = record.get("adapter", {}) or {}
+    parts = [f"{len(adapter.get('classes', []))} structure(s)"]
+    dice = training.get("held_out_dice")
+    if isinstance(dice, (int, float)):
+        parts.append(f"held-out Dice {dice:.2f}")
+    if training.get("mode"):
+        parts.append(str(training["mode"]))
+    seconds = (record.get("timings_s") or {}).get("total")
+    if isinstance(seconds, (int, float)):
+        parts.append(f"{seconds:.0f} s")
+    if record.get("feature_cache_hits"):
+        parts.append("features from cache")
+    return ", ".join(parts)
+
+
+# --- painted segments -> one .seg.nrrd ----------------------------------------------------------------
+
+@dataclass
+class PaintedSegment:
+    """One segment of the painted node, as a mask on the input volume's grid (k, j, i)."""
+
+    segment_id: str
+    name: str
+    color: Tuple[float, float, float]
+    terminology: str
+    mask: np.ndarray
+
+    @property
+    def background(self) -> bool:
+        return is_background(self.name)
+
+
+@dataclass
+class PaintedLabels:
+    labels: np.ndarray  # (k, j, i) on the volume grid; 0 = unlabelled
+    segments: List[Dict[str, Any]]  # value, id, name, color, terminology (string)
+    structures: List[str]  # names of the structures that will be learned
+    skipped: List[str] = field(default_factory=list)  # empty segments, left out
+
+
+def painted_labels(segments: Sequence[PaintedSegment]) -> PaintedLabels:
+    """Merge the painted masks into one label map (what `adapt` reads).
+
+    Empty segments are left out. Background is written first, structures on top (a voxel painted as a
+    structure and as background counts as the structure); where two structures overlap the later
+    segment wins, as in Slicer's own export to a label map. Errors say what to paint.
+    """
+    if not segments:
+        raise ValueError("the segmentation has no segments: paint the structure on a few slices first")
+    shape = segments[0].mask.shape
+    for segment in segments:
+        if segment.mask.shape != shape:
+            raise ValueError(f"segment '{segment.name}' is not on the volume's grid")
+    names = [s.name.strip().lower() for s in segments]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"two segments are named '{duplicates[0]}'; give each segment its own name")
+    kept = [s for s in segments if np.any(s.mask)]
+    skipped = [s.name for s in segments if not np.any(s.mask)]
+    structures = [s for s in kept if not s.background]
+    if not structures:
+        raise ValueError("no structure is painted (only background or empty segments): paint the structure on a few slices")
+    ordered = [s for s in kept if s.background] + structures
+    dtype = np.uint8 if len(ordered) < 256 else np.uint16
+    labels = np.zeros(shape, dtype=dtype)
+    infos = []
+    for value, segment in enumerate(ordered, start=1):
+        labels[np.asarray(segment.mask) > 0] = value
+        infos.append({"value": value, "id": segment.segment_id, "name": segment.name, "color": [float(c) for c in segment.color[:3]],
+                      "terminology": segment.terminology})
+    return PaintedLabels(labels, infos, [s.name for s in structures], skipped)
+
+
+def terminology_from_string(text: str) -> Optional[Dict[str, Any]]:
+    """Slicer's `TerminologyEntry` tag (7 `~` fields, codes `scheme^value^meaning`) as slicerio's dict."""
+    if not text:
+        return None
+    fields = text.split("~")
+    if len(fields) != 7:
+        return None
+
+    def code(field_text: str) -> Optional[List[str]]:
+        parts = (field_text.split("^") + ["", "", ""])[:3]
+        return parts if any(parts) else None
+
+    entry: Dict[str, Any] = {"contextName": fields[0]}
+    category, kind = code(fields[1]), code(fields[2])
+    if category is None or kind is None:
+        return None
+    entry["category"], entry["type"] = category, kind
+    if code(fields[3]):
+        entry["typeModifier"] = code(fields[3])
+    if fields[4]:
+        entry["anatomicContextName"] = fields[4]
+    if code(fields[5]):
+        entry["anatomicRegion"] = code(fields[5])
+        if code(fields[6]):
+            entry["anatomicRegionModifier"] = code(fields[6])
+    return entry
+
+
+def write_painted_segmentation(path: Path, painted: PaintedLabels, ijk_to_ras: np.ndarray) -> Path:
+    """Write the merged painted labels as a Slicer `.seg.nrrd` on the volume's geometry (slicerio)."""
+    import slicerio
+
+    path = Path(path)
+    if not str(path).lower().endswith(".seg.nrrd"):
+        raise ValueError(f"the painted labels must be written as .seg.nrrd: {path}")
+    voxels = np.ascontiguousarray(painted.labels.transpose(2, 1, 0))  # (k, j, i) -> (i, j, k), as the file stores them
+    segmentation: Dict[str, Any] = {
+        "voxels": voxels,
+        "ijkToLPS": LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float),
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "segments": [],
+    }
+    for info in painted.segments:
+        where = np.nonzero(voxels == info["value"])
+        segment: Dict[str, Any] = {
+            "id": info["id"],
+            "name": info["name"],
+            "nameAutoGenerated": False,
+            "color": info["color"],
+            "colorAutoGenerated": False,
+            "labelValue": int(info["value"]),
+            "layer": 0,
+            "extent": [int(v) for axis in where for v in (axis.min(), axis.max())],
+            "status": "completed",
+        }
+        terminology = terminology_from_string(info.get("terminology", ""))
+        if terminology:
+            segment["terminology"] = terminology
+        segmentation["segments"].append(segment)
+    slicerio.write_segmentation(str(path), segmentation)
+    return path
+
+
+# --- the result -> the painted node -------------------------------------------------------------------
+
+@dataclass
+class SegmentUpdate:
+    """One segment of the result and where it goes: an existing segment (replaced) or a new one."""
+
+    result_name: str
+    target_id: Optional[str]  # None: add as a new segment
+
+
+def segments_to_update(result_names: Iterable[str], existing: Mapping[str, str], learned: Iterable[str]) -> List[SegmentUpdate]:
+    """Which result segments replace which segments of the painted node.
+
+    `existing` maps segment id -> name in the painted node; `learned` are the structure names the job
+    learned. Only those come back (background is never replaced; other segments are not touched);
+    names are matched case-insensitively.
+    """
+    wanted = {n.strip().lower() for n in learned if not is_background(n)}
+    by_name: Dict[str, str] = {}
+    for segment_id, name in existing.items():
+        by_name.setdefault(name.strip().lower(), segment_id)
+    updates = []
+    for name in result_names:
+        key = name.strip().lower()
+        if key not in wanted or is_background(name):
+            continue
+        updates.append(SegmentUpdate(name, by_name.get(key)))
+    return updates
+
+
+def adapter_record(adapter: Path) -> Dict[str, Any]:
+    """The job record `adapt` writes beside the adapter (`x.safetensors` -> `x.json`)."""
+    adapter = Path(adapter)
+    path = adapter.with_name(adapter.name[: -len(".safetensors")] + ".json") if adapter.name.endswith(".safetensors") else adapter.with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"the job record {path.name} was not written; the job did not finish")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(record, dict) or record.get("command") != "adapt":
+        raise ValueError(f"{path.name} is not the record of an adapt job")
+    return record
+
+
+# --- installed adapters for the Segment model list ---------------------------------------------------
+
+def installed_models(models_home: Path, task: str = "adapter") -> List[Dict[str, Any]]:
+    """Models of one task installed in the model folder (`<home>/models/<id>/<version>/model.json`),
+    read without importing the library; newest version of each id only."""
+    root = Path(models_home) / "models"
+    found: Dict[str, Dict[str, Any]] = {}
+    if not root.is_dir():
+        return []
+    for entry_file in sorted(root.glob("*/*/model.json")):
+        try:
+            entry = json.loads(entry_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(entry, dict) or entry.get("task") != task or not entry.get("id"):
+            continue
+        files = entry.get("files") or []
+        if not files or not all((entry_file.parent / str(f.get("name", ""))).is_file() for f in files):
+            continue
+        previous = found.get(entry["id"])
+        if previous is None or _version_key(str(entry.get("version", ""))) > _version_key(str(previous.get("version", ""))):
+            found[entry["id"]] = entry
+    return [found[k] for k in sorted(found)]
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-+]", version))
+
+
+def segment_model_choices(registry_models: Sequence[Mapping[str, Any]], adapters: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
+    """(label, model id) for the Segment model list: the registry's segmentation models, then learned adapters."""
+    choices = []
+    seen = set()
+    for entry in registry_models:
+        if entry.get("task") == "segment" and entry["id"] not in seen:
+            seen.add(entry["id"])
+            choices.append((f"{entry.get('title') or entry['id']} ({entry['id']})", str(entry["id"])))
+    for entry in adapters:
+        if entry["id"] not in seen:
+            seen.add(entry["id"])
+            choices.append((f"{entry.get('title') or entry['id']} (learned: {entry['id']})", str(entry["id"])))
+    return choices

@@ -37,11 +37,11 @@ def normalise(values: np.ndarray) -> np.ndarray:
 
 
 def to_input_grid(on_model_grid: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Resample a (z, y, x) map from the model grid onto the input image's grid, clipped to [0, 1]."""
+    """Resample a (z, y, x) map from the model grid onto the input image's grid, rescaled to [0, 1]."""
     source = sitk.GetImageFromArray(np.ascontiguousarray(on_model_grid, dtype=np.float32))
     source.CopyInformation(grid)
     resampled = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    array = np.clip(sitk.GetArrayFromImage(resampled), 0.0, 1.0)
+    array = normalise(sitk.GetArrayFromImage(resampled))  # the model-grid peak may fall between input voxels
     result = sitk.GetImageFromArray(array)
     result.CopyInformation(reference)
     return result

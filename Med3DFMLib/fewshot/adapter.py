@@ -189,7 +189,7 @@ def train_point_adapter(
                 score = -float(np.mean([_balanced_loss(o, vy, num_classes) for o, vy in outputs])) if outputs else 0.0
             history.append({"step": step, "loss": round(loss.item(), 4), "val_loss": round(-score, 4), "val_dice": round(dice, 4)})
             if progress is not None:
-                progress.update("train", step / max_steps, f"step {step}, held-out Dice {score:.3f}")
+                progress.update("train", step / max_steps, f"step {step}, held-out Dice {dice:.3f}")
             if not val_features:
                 continue  # nothing held out: train for exactly max_steps, keep the last state
             if score > best_score + 1e-4:

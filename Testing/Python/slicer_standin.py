@@ -209,6 +209,20 @@ class Segmentation:
         return True
 
 
+class vtkMRMLSegmentationDisplayNode(Node):
+    """Per-segment visibility (all visible unless hidden), as the Segment Editor's eye icons set it."""
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self._hidden: set = set()
+
+    def GetSegmentVisibility(self, segment_id: str) -> bool:
+        return segment_id not in self._hidden
+
+    def SetSegmentVisibility(self, segment_id: str, visible: bool) -> None:
+        (self._hidden.discard if visible else self._hidden.add)(segment_id)
+
+
 class vtkMRMLSegmentationNode(Node):
     def __init__(self, name: str = "") -> None:
         super().__init__(name)
@@ -216,6 +230,10 @@ class vtkMRMLSegmentationNode(Node):
         self.reference_geometry: Optional[np.ndarray] = None
         self.reference_extent = None
         self.display_nodes = 0
+        self._display: Optional[vtkMRMLSegmentationDisplayNode] = None
+
+    def GetDisplayNode(self) -> Optional[vtkMRMLSegmentationDisplayNode]:
+        return self._display
 
     def GetSegmentation(self) -> Segmentation:
         return self._segmentation
@@ -226,6 +244,8 @@ class vtkMRMLSegmentationNode(Node):
 
     def CreateDefaultDisplayNodes(self) -> None:
         self.display_nodes = 1
+        if self._display is None:
+            self._display = vtkMRMLSegmentationDisplayNode()
 
     def CreateClosedSurfaceRepresentation(self) -> bool:
         for segment in self._segmentation._segments.values():
@@ -401,6 +421,19 @@ def arrayFromSegmentBinaryLabelmap(node: vtkMRMLSegmentationNode, segment_id: st
     return sitk.GetArrayFromImage(resampled)
 
 
+def updateSegmentBinaryLabelmapFromArray(narray: np.ndarray, node: vtkMRMLSegmentationNode, segment_id: str,
+                                         reference: Optional[vtkMRMLScalarVolumeNode] = None) -> None:
+    """Replace a segment's voxels with a mask on the reference volume's grid (Slicer: same signature)."""
+    segment = node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise RuntimeError(f"segment {segment_id} not found")
+    if reference is None or tuple(narray.shape) != tuple(reversed(reference.GetImageData().GetDimensions())):
+        raise RuntimeError("the array does not match the reference volume")
+    segment.labelmap = _image_data((np.asarray(narray) > 0).astype(np.uint8))
+    segment.ijk_to_ras = _numpy_to_matrix(_matrix_to_numpy(reference._ijk_to_ras))
+    segment.closed_surface = None
+
+
 # --- modules ------------------------------------------------------------------------------------------
 
 slicer = types.ModuleType("slicer")
@@ -435,7 +468,8 @@ def install() -> types.ModuleType:
             self.observers.clear()
 
     util.VTKObservationMixin = VTKObservationMixin
-    for function in (loadVolume, loadLabelVolume, loadSegmentation, arrayFromVolume, arrayFromSegmentBinaryLabelmap):
+    for function in (loadVolume, loadLabelVolume, loadSegmentation, arrayFromVolume, arrayFromSegmentBinaryLabelmap,
+                     updateSegmentBinaryLabelmapFromArray):
         setattr(util, function.__name__, function)
 
     i18n = types.ModuleType("slicer.i18n")

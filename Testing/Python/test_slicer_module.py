@@ -74,6 +74,140 @@ def test_models_commands_are_accepted_by_the_cli():
         jobs.models_command("py", "train")
 
 
+def test_adapt_command_is_accepted_by_the_cli(tmp_path):
+    command = jobs.adapt_command("py", tmp_path / "in.nrrd", tmp_path / "painted.seg.nrrd", " left atrium ", tmp_path / "left-atrium.safetensors",
+                                 "prototype", "cpu", segment=tmp_path / "out.seg.nrrd")
+    assert command[:4] == ["py", "-m", "Med3DFMLib.cli", "adapt"] and command[-2:] == ["--progress", "json"]
+    from Med3DFMLib.cli import build_parser
+
+    args = build_parser().parse_args(command[3:])
+    assert args.image == [tmp_path / "in.nrrd"] and args.labels == [tmp_path / "painted.seg.nrrd"]
+    assert (args.name, args.mode, args.device, args.progress) == ("left atrium", "prototype", "cpu", "json")
+    assert args.output == tmp_path / "left-atrium.safetensors" and args.segment == tmp_path / "out.seg.nrrd"
+    plain = build_parser().parse_args(jobs.adapt_command("py", "i.nrrd", "l.seg.nrrd", "x", "x.safetensors", seed=3)[3:])
+    assert (plain.mode, plain.device, plain.segment, plain.seed) == ("adapter", "auto", None, 3)
+    for bad in ({"name": " "}, {"mode": "mlp"}, {"device": "gpu"}, {"output": "x.pt"}, {"labels": "l.nii.gz"}, {"segment": "o.nii.gz"}):
+        arguments = {"python": "py", "image": "i.nrrd", "labels": "l.seg.nrrd", "name": "x", "output": "x.safetensors", **bad}
+        with pytest.raises(ValueError):
+            jobs.adapt_command(**arguments)
+
+
+def test_adapt_progress_and_held_out_dice():
+    spans = jobs.STAGE_SPANS["adapt"]
+    overall = [jobs.parse_progress_line(json.dumps({"stage": s, "fraction": 0.5}), "adapt").overall for s in ("load", "features", "train", "segment")]
+    assert overall == sorted(overall) and all(0.0 <= v <= 1.0 for v in overall)
+    train = jobs.parse_progress_line('{"stage": "train", "fraction": 0.25, "message": "step 40, held-out Dice 0.573"}', "adapt")
+    assert train.overall == pytest.approx(spans["train"][0] + 0.25 * (spans["train"][1] - spans["train"][0]))
+    assert jobs.held_out_dice(train.message, train.data) == pytest.approx(0.573)
+    assert jobs.held_out_dice("step 40", {"held_out_dice": 0.61}) == pytest.approx(0.61)
+    assert jobs.held_out_dice("step 20, held-out Dice -9.560") is None  # not a Dice: shown as the raw message
+    assert jobs.held_out_dice("encoder window 1 of 1") is None
+    record = {"command": "adapt", "adapter": {"classes": ["a", "b"]}, "training": {"mode": "adapter", "held_out_dice": 0.64}, "timings_s": {"total": 71.2}, "feature_cache_hits": 1}
+    assert results.training_summary(record) == "2 structure(s), held-out Dice 0.64, adapter, 71 s, features from cache"
+
+
+def test_adapter_names_and_background_follow_the_library():
+    from Med3DFMLib.fewshot.adapt import slugify
+    from Med3DFMLib.fewshot.labels import BACKGROUND_NAMES
+
+    for name in ("left atrium", "Hippocampus  (L/R)", "--", "Tumour 2", "ÄÖ liver"):
+        assert results.adapter_id(name) == slugify(name)
+    assert results.adapter_file_name("left atrium") == "left-atrium.safetensors"
+    assert set(results.BACKGROUND_NAMES) == set(BACKGROUND_NAMES)
+    assert results.is_background(" Background ") and not results.is_background("background tissue")
+
+
+def _painted_segment(segment_id, name, mask, color=(0.5, 0.5, 0.5), terminology=""):
+    return results.PaintedSegment(segment_id, name, color, terminology, np.asarray(mask, dtype=bool))
+
+
+def test_painted_segments_merge_into_one_label_map():
+    shape = (4, 5, 6)
+    a, b, bg, empty = (np.zeros(shape, bool) for _ in range(4))
+    a[1, 1:3, 1:3] = True
+    b[1, 2:4, 2:4] = True  # overlaps a: the later structure wins
+    bg[1, :, 0] = True
+    bg[1, 1, 1] = True  # painted as background and as a: the structure wins
+    painted = results.painted_labels([_painted_segment("s1", "a", a), _painted_segment("bg", "Background", bg),
+                                      _painted_segment("s2", "b", b, (1, 0, 0)), _painted_segment("s3", "unused", empty)])
+    assert painted.structures == ["a", "b"] and painted.skipped == ["unused"]
+    values = {info["name"]: info["value"] for info in painted.segments}
+    assert values == {"Background": 1, "a": 2, "b": 3}
+    labels = painted.labels
+    assert labels[1, 1, 1] == values["a"] and labels[1, 2, 2] == values["b"] and labels[1, 3, 0] == values["Background"]
+    assert labels[0].max() == 0 and labels.dtype == np.uint8
+    assert next(i for i in painted.segments if i["name"] == "b")["color"] == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="no segments"):
+        results.painted_labels([])
+    with pytest.raises(ValueError, match="no structure is painted"):
+        results.painted_labels([_painted_segment("bg", "background", bg), _painted_segment("s", "a", empty)])
+    with pytest.raises(ValueError, match="own name"):
+        results.painted_labels([_painted_segment("1", "a", a), _painted_segment("2", "A", b)])
+    with pytest.raises(ValueError, match="grid"):
+        results.painted_labels([_painted_segment("1", "a", a), _painted_segment("2", "b", np.ones((2, 2, 2)))])
+
+
+def test_painted_segmentation_file_is_what_adapt_reads(tmp_path, hippocampus_case):
+    import SimpleITK as sitk
+
+    from Med3DFMLib.io.segmentations import read_labels, resample_labels_to
+    from Med3DFMLib.io.volumes import read_volume
+
+    image = read_volume(hippocampus_case[0])
+    shape = sitk.GetArrayViewFromImage(image).shape
+    mask = np.zeros(shape, bool)
+    mask[10, 20:25, 15:20] = True
+    terminology = results.terminology_string({"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "5366008", "Hippocampus"]})
+    painted = results.painted_labels([_painted_segment("Segment_1", "hippocampus", mask, (0.9, 0.5, 0.2), terminology)])
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing())
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    path = results.write_painted_segmentation(tmp_path / "painted.seg.nrrd", painted, results.LPS_TO_RAS @ ijk_to_lps)
+    labels = read_labels(path)
+    assert [(s.value, s.name) for s in labels.segments] == [(1, "hippocampus")]
+    assert tuple(labels.segments[0].color) == pytest.approx((0.9, 0.5, 0.2))
+    assert labels.segments[0].terminology["type"] == ["SCT", "5366008", "Hippocampus"]
+    assert results.terminology_string(labels.segments[0].terminology) == terminology
+    on_image = sitk.GetArrayFromImage(resample_labels_to(labels.image, image))  # same grid: voxel for voxel
+    assert np.array_equal(on_image == 1, mask)
+    assert labels.image.GetSize() == image.GetSize() and np.allclose(labels.image.GetOrigin(), image.GetOrigin())
+    assert results.terminology_from_string("") is None and results.terminology_from_string("a~b") is None
+    with pytest.raises(ValueError):
+        results.write_painted_segmentation(tmp_path / "painted.nrrd", painted, np.eye(4))
+
+
+def test_only_the_learned_structures_go_back():
+    existing = {"Segment_1": "Anterior hippocampus", "Segment_2": "posterior hippocampus", "bg": "background", "other": "liver"}
+    updates = results.segments_to_update(["anterior hippocampus", "posterior hippocampus", "new structure", "background", "liver"], existing,
+                                         ["anterior hippocampus", "posterior hippocampus", "new structure", "background"])
+    assert [(u.result_name, u.target_id) for u in updates] == [("anterior hippocampus", "Segment_1"), ("posterior hippocampus", "Segment_2"), ("new structure", None)]
+
+
+def test_saved_adapters_join_the_segment_model_list(tmp_path):
+    def install(model_id, version, task, title="", with_file=True):
+        folder = tmp_path / "models" / model_id / version
+        folder.mkdir(parents=True)
+        (folder / "model.json").write_text(json.dumps({"id": model_id, "version": version, "task": task, "title": title,
+                                                        "files": [{"name": f"{model_id}.safetensors"}]}))
+        if with_file:
+            (folder / f"{model_id}.safetensors").write_bytes(b"x")
+
+    install("left-atrium", "1.0.0", "adapter", "left atrium")
+    install("left-atrium", "0.9.0", "adapter")
+    install("broken", "1.0.0", "adapter", with_file=False)
+    install("a-model", "1.0.0", "segment")
+    (tmp_path / "models" / "junk" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "junk" / "1" / "model.json").write_text("{not json")
+    adapters = results.installed_models(tmp_path, task="adapter")
+    assert [(a["id"], a["version"]) for a in adapters] == [("left-atrium", "1.0.0")]
+    assert results.installed_models(tmp_path / "nowhere") == []
+    registry = environment.read_registry(ROOT / "Resources" / "models.json")["models"]
+    choices = results.segment_model_choices(registry, adapters)
+    assert choices[0][1] == DEMO and choices[-1] == ("left atrium (learned: left-atrium)", "left-atrium")
+    assert all(entry["task"] == "segment" for entry in registry if entry["id"] in {c[1] for c in choices[:-1]})
+
+
 # --- progress lines -------------------------------------------------------------------------------
 
 def test_progress_lines_become_events_with_overall_fraction():
@@ -288,8 +422,12 @@ def test_ui_parameter_names_are_parameter_node_fields():
 
 def test_no_buttons_for_commands_the_cli_does_not_have():
     text = UI_FILE.read_text(encoding="utf-8").lower() + MODULE_FILE.read_text(encoding="utf-8").lower()
-    for word in ("classify", "explain", "learn from labels", "fewshot"):
+    for word in ("classify", "explain", "fewshot"):
         assert word not in text
+    # Learn from labels runs `med3dfm adapt`, which the CLI has
+    from Med3DFMLib.cli import build_parser
+
+    assert "learn from labels" in text and build_parser().parse_args(["adapt", "--image", "i", "--labels", "l", "--name", "n", "-o", "o.safetensors"]).command == "adapt"
 
 
 def test_icon_is_a_128_pixel_png():
@@ -418,3 +556,108 @@ def test_logic_lists_models_through_the_cli(module):
     demo = next(m for m in listing if m["id"] == DEMO)
     assert demo["installed"] in ("bundled", "bundled+cache") and demo["licence"]
     assert results.model_rows(listing, task="segment")[0].installed
+
+
+def test_logic_learns_from_three_painted_slices(module, hippocampus_case):
+    """Learn from labels end to end: painted node -> .seg.nrrd -> real `adapt` job -> the same node, saved model."""
+    import slicer_standin
+
+    slicer = slicer_standin.slicer
+    image_path, labels_path = hippocampus_case
+    volume = slicer.util.loadVolume(str(image_path))
+    full = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(str(labels_path)))
+    z = np.nonzero(full.any(axis=(1, 2)))[0]
+    slices = sorted({int(v) for v in np.percentile(z, (20, 50, 80)).astype(int)})
+    ijk_to_ras = slicer_standin._matrix_to_numpy(volume._ijk_to_ras)
+
+    painted = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
+    painted.CreateDefaultDisplayNodes()
+    names = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+    for value, name in names.items():
+        mask = np.zeros(full.shape, np.uint8)
+        mask[slices] = full[slices] == value
+        painted.GetSegmentation().AddSegment(slicer_standin.Segment(name, (0.2 * value, 0.5, 0.3), mask, ijk_to_ras), f"Segment_{value}")
+    background = np.zeros(full.shape, np.uint8)
+    background[slices[0], :3, :3] = 1  # explicit negatives in a corner
+    painted.GetSegmentation().AddSegment(slicer_standin.Segment("background", (0, 0, 0), background, ijk_to_ras), "bg")
+    kept = np.zeros(full.shape, np.uint8)
+    kept[:, -5:, -5:] = 1  # a finished structure from earlier: hidden, so neither learned nor changed
+    painted.GetSegmentation().AddSegment(slicer_standin.Segment("kept", (1, 1, 0), kept, ijk_to_ras), "kept")
+    painted.GetDisplayNode().SetSegmentVisibility("kept", False)
+
+    logic = module.Med3DFMLogic()
+    temporary_before = set(Path(slicer.app.temporaryPath).iterdir())
+    adapter = logic.learnFromLabels(volume, painted, "hippocampus parts", mode="adapter", device="cpu", save=True, timeout=600)
+
+    # the adapter is saved in the model folder under its name, the learned copy and its record are kept
+    assert adapter.is_file() and adapter.name == "hippocampus-parts.safetensors"
+    assert logic.modelsFolder() in adapter.parents
+    kept_copy = logic.adaptersFolder() / "hippocampus-parts.safetensors"
+    assert kept_copy.is_file() and (logic.adaptersFolder() / "hippocampus-parts.json").is_file()
+    assert set(Path(slicer.app.temporaryPath).iterdir()) - temporary_before <= {logic.adaptersFolder()}  # job folder removed
+    assert ("hippocampus parts (learned: hippocampus-parts)", "hippocampus-parts") in logic.segmentModelChoices()
+
+    # provenance: the adapt job record on the painted node
+    record = json.loads(painted.GetAttribute(results.PROVENANCE_ATTRIBUTE))
+    assert record["command"] == "adapt" and record["adapter"]["classes"] == list(names.values())
+    assert record["parameters"]["name"] == "hippocampus parts" and record["outputs"]["segmentation"].endswith(".seg.nrrd")
+    assert painted.GetAttribute(results.MODEL_ATTRIBUTE) == "hippocampus-parts"
+    assert painted.GetAttribute(results.ADAPTER_ATTRIBUTE) == str(kept_copy)
+
+    # the same node, the same segments; the painted structures now cover the whole volume
+    segmentation = painted.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == ["Segment_1", "Segment_2", "bg", "kept"]
+    unpainted = [k for k in range(full.shape[0]) if k not in slices]
+    for value, name in names.items():
+        segment_id = f"Segment_{value}"
+        assert segmentation.GetSegment(segment_id).GetName() == name
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(painted, segment_id, volume) > 0
+        assert mask.shape == full.shape
+        assert np.count_nonzero(mask.any(axis=(1, 2))) > len(slices), name
+        dice = _dice(mask[unpainted], full[unpainted] == value)
+        print(f"{name}: Dice {dice:.3f} on the {len(unpainted)} unpainted slices")
+        assert dice > 0.35, (name, dice)  # measured about 0.57 / 0.68 with the CLI
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(painted, "bg", volume), background)
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(painted, "kept", volume), kept)
+    assert not painted.GetDisplayNode().GetSegmentVisibility("kept")
+
+    # the saved adapter segments the volume through the Segment path
+    segmented, _table = logic.segment(volume, "hippocampus-parts", device="cpu", timeout=300)
+    result_names = [segmented.GetSegmentation().GetNthSegment(i).GetName() for i in range(segmented.GetSegmentation().GetNumberOfSegments())]
+    assert result_names == list(names.values())
+
+    # corrections + learning again (instant guess): features come from the cache, the saved model is replaced
+    first_sha = record["adapter"]["sha256"]
+    again = logic.learnFromLabels(volume, painted, "hippocampus parts", mode="prototype", device="cpu", save=True, timeout=600)
+    record = json.loads(painted.GetAttribute(results.PROVENANCE_ATTRIBUTE))
+    assert again == adapter and record["feature_cache_hits"] == 1 and record["training"]["mode"] == "prototype"
+    assert record["adapter"]["sha256"] != first_sha
+    from Med3DFMLib.weights import sha256_of
+
+    assert sha256_of(again) == record["adapter"]["sha256"]
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(painted, "kept", volume), kept)
+
+
+def test_logic_refuses_unusable_learning_requests(module, hippocampus_case):
+    import slicer_standin
+
+    slicer = slicer_standin.slicer
+    volume = slicer.util.loadVolume(str(hippocampus_case[0]))
+    shape = slicer.util.arrayFromVolume(volume).shape
+    ijk_to_ras = slicer_standin._matrix_to_numpy(volume._ijk_to_ras)
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "only background")
+    mask = np.zeros(shape, np.uint8)
+    mask[10, :4, :4] = 1
+    node.GetSegmentation().AddSegment(slicer_standin.Segment("Background", (0, 0, 0), mask, ijk_to_ras), "bg")
+    node.GetSegmentation().AddSegment(slicer_standin.Segment("structure", (1, 0, 0), np.zeros(shape, np.uint8), ijk_to_ras), "s")
+    logic = module.Med3DFMLogic()
+    before = set(Path(slicer.app.temporaryPath).iterdir())
+    with pytest.raises(module.Med3DFMJobError, match="no structure is painted"):
+        logic.learnFromLabels(volume, node, "x", device="cpu", timeout=60)
+    with pytest.raises(module.Med3DFMJobError, match="built-in model"):
+        logic.learnFromLabels(volume, node, "Hippocampus MR demo", device="cpu", timeout=60)
+    with pytest.raises(module.Med3DFMJobError, match="name"):
+        logic.learnFromLabels(volume, node, "  ", device="cpu", timeout=60)
+    with pytest.raises(module.Med3DFMJobError, match="no segment with id"):
+        logic.learnFromLabels(volume, node, "x", device="cpu", segmentIds=["missing"], timeout=60)
+    assert set(Path(slicer.app.temporaryPath).iterdir()) == before  # no job folder left behind

@@ -1,0 +1,53 @@
+"""Smoke test: scripts/evaluate_fewshot.py --quick runs end to end and writes sane outputs.
+
+About 30 s on a quiet 2-core machine (no timing assertions). Needs the shared data folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "evaluate_fewshot.py"
+DATA = Path(os.environ.get("MED3DFM_DATA", "/work/shared/data"))
+METHODS = {"adapter-pretrained", "adapter-random", "prototype", "unet", "random-walker"}
+
+pytestmark = pytest.mark.skipif(not (DATA / "hippocampus" / "images").is_dir(), reason="shared data not available")
+
+
+def test_quick_evaluation_writes_tables_json_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("monai")
+    pytest.importorskip("skimage")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    env = dict(os.environ, MED3DFM_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    for name in ("fewshot_eval.md", "fewshot_eval.json", "fewshot_eval.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "fewshot_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    payload = json.loads((out / "fewshot_eval.json").read_text())
+    within, across = payload["within"], payload["across"]
+    assert {r["method"] for r in within} == METHODS
+    assert {r["method"] for r in across} == METHODS - {"random-walker"}
+    for row in within + across:
+        assert isinstance(row["dice"], float) and 0.0 <= row["dice"] <= 1.0, row
+        assert row["adapt_s"] >= 0.0
+    for row in within:
+        assert row["scored_structure_voxels"] > 0 and row["segment_s"] >= 0.0
+        # the scored slices never include a labelled one
+        assert row["scored_slices"] + len(row["slices"]) > row["scored_slices"]
+    unet = [r for r in within + across if r["method"] == "unet"]
+    assert all(r["steps"] >= 1 for r in unet)
+
+    report = (out / "fewshot_eval.md").read_text()
+    assert "Within one volume" in report and "Across volumes" in report
+    assert "QUICK" in report
