@@ -8,7 +8,6 @@ message instead of being killed by the operating system half-way through.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import Optional, Sequence
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
+from Med3DFMLib.windows import count_windows
 
 # Peak activation bytes per input voxel of one window for the small default model: measured
 # 195-270 by benchmarks/window_memory.py (float32, CPU, 64³-128³ windows); doubled so the guard
@@ -90,16 +90,6 @@ def autocast_for(device: torch.device):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return nullcontext()
-
-
-def count_windows(volume_shape: Sequence[int], window: Sequence[int], overlap: float) -> int:
-    """Number of windows MONAI's scan visits (same interval rule as its sliding window)."""
-    total = 1
-    for size, roi in zip(volume_shape, window):
-        size = max(size, roi)
-        interval = max(int(roi * (1.0 - overlap)), 1) if size > roi else roi
-        total *= int(math.ceil((size - roi) / interval)) + 1
-    return total
 
 
 def predict_volume(

@@ -80,6 +80,8 @@ def intensity_stats(image: sitk.Image, rule: Dict[str, Any]) -> Tuple[float, flo
         if sample.size == 0:
             raise Med3DFMError("the image holds no finite voxel values")
         low, high = np.percentile(sample, [float(rule["lower"]), float(rule["upper"])])
+        if high <= low:  # e.g. a small mask in a mostly empty volume: percentiles collapse
+            low, high = float(sample.min()), float(sample.max())
         clipped = np.clip(sample, low, high)
         scale = float(clipped.std()) or 1.0
         return float(low), float(high), float(clipped.mean()), scale

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -109,15 +108,6 @@ def registry_entry(registry: Mapping[str, Any], model_id: str) -> Optional[Dict[
     return dict(max(entries, key=version_key))
 
 
-def _count_windows(shape: Sequence[int], window: Sequence[int], overlap: float) -> int:
-    total = 1
-    for size, roi in zip(shape, window):
-        size = max(size, roi)
-        interval = max(int(roi * (1.0 - overlap)), 1) if size > roi else roi
-        total *= int(math.ceil((size - roi) / interval)) + 1
-    return total
-
-
 def estimate_cpu_seconds(size: Sequence[int], spacing: Sequence[float], model_input: Mapping[str, Any], overlap: float = 0.25, threads: Optional[int] = None) -> float:
     """Rough CPU run time of a segment job: windows on the model grid × seconds per window + start-up.
 
@@ -127,7 +117,9 @@ def estimate_cpu_seconds(size: Sequence[int], spacing: Sequence[float], model_in
     model_spacing = model_input.get("spacing") or spacing
     window = model_input.get("window") or [96, 96, 96]
     shape = [max(1, int(round(n * s / ms))) for n, s, ms in zip(size, spacing, model_spacing)]
-    windows = _count_windows(shape, window, overlap)
+    from Med3DFMLib.windows import count_windows  # torch-free; the library sits beside the module
+
+    windows = count_windows(shape, window, overlap)
     threads = threads or os.cpu_count() or 2
     speedup = max(1.0, min(threads, 16) / 2.0) ** 0.8  # threads help, but far from linearly
     per_window = SECONDS_PER_64CUBE_WINDOW_2_THREADS * (float(window[0]) * window[1] * window[2] / 64.0 ** 3) / speedup

@@ -72,6 +72,15 @@ def test_mr_normalisation_ignores_the_intensity_scale(hippocampus_case):
     assert abs(float(a.mean())) < 1.0 and 0.5 < float(a.std()) < 2.0
 
 
+def test_percentiles_that_collapse_fall_back_to_the_range():
+    """A small structure in an empty volume (a binary mask as input) must not normalise to zeros."""
+    array = np.zeros((40, 40, 40), dtype=np.uint8)
+    array[18:21, 18:21, 18:21] = 255  # 0.04 % of the voxels, far below the 99.5th percentile
+    image = sitk.GetImageFromArray(array)
+    normalised, _ = to_model_input(image, MR)
+    assert normalised.max() - normalised.min() > 1.0
+
+
 def test_ct_normalisation_uses_fixed_hounsfield_window(dicom_series):
     image = read_volume(dicom_series)
     low, high, shift, scale = intensity_stats(image, CT.intensity)

@@ -346,7 +346,7 @@ def test_diagnostics_text_has_versions_paths_and_the_last_error():
 # --- the job runner ---------------------------------------------------------------------------------
 
 def test_cancel_ends_the_whole_process_tree(tmp_path):
-    psutil = pytest.importorskip("psutil")
+    import psutil
     script = tmp_path / "tree.py"
     script.write_text(textwrap.dedent("""
         import json, subprocess, sys, time
