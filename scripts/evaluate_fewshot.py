@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-DATA = Path(os.environ.get("MED3DFM_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("MED3DFM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DEFAULT_STRUCTURES = "liver,right kidney,hippocampus (brain),brain1 tumour,hippocampus crop"
 METHODS = ["adapter-pretrained", "adapter-random", "prototype", "unet", "random-walker"]
 LABELS = {
@@ -844,7 +844,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     factors = {r["task"]: r["work_factor"] for r in within if r["method"] == "random-walker"}
     downsampled = [f"{t} (in-plane ÷{f})" for t, f in factors.items() if f > 1]
     notes = [
-        "The pretrained encoder's self-supervised pretraining (card: ~4 min, 797 steps on one H100, no labels) used these very images: "
+        "The pretrained encoder's self-supervised pretraining (no labels; see the encoder's card for its steps and time) used these very images: "
         + ", ".join(seen) + " are all in its pretraining list. The within-volume numbers are therefore transductive for the pretrained encoder (it has seen the unlabelled image); across volumes the test cases were chosen outside its pretraining list.",
         "CT organ labels are TotalSegmentator pseudo-labels, not manual truth; the CT example is a 30-slice 3 mm crop in which liver and spleen run through every slice.",
         "Only one labelled volume exists for the CT organs, the brain structures and each lesion, so those are evaluated within one volume only; across-volume learning is evaluated on the hippocampus crops only.",

@@ -257,7 +257,14 @@ def adapter_predictor(tensors: Dict[str, torch.Tensor], card: Dict[str, Any], re
     from Med3DFMLib.registry import check_adapter_encoder
 
     adapter = load_adapter_model(tensors, card)
-    encoder = load_encoder(card["encoder"]["id"], registry, progress)
+    needed = card["encoder"]
+    try:
+        encoder = load_encoder(needed["id"], registry, progress)
+    except Med3DFMError as err:
+        raise Med3DFMError(
+            f"this adapter needs the encoder '{needed['id']}' (sha256 {needed['sha256'][:12]}...), which is not installed: "
+            f"import its file with `med3dfm models import ENCODER.safetensors` ({err})"
+        ) from None
     check_adapter_encoder(card, encoder.sha256)
     spec = InputSpec.from_card(card["input"])
 

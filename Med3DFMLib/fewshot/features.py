@@ -118,6 +118,9 @@ def cached_features(encoder: torch.nn.Module, encoder_sha256: str, volume: np.nd
         except (OSError, ValueError, KeyError):
             pass  # damaged or half-pruned entry: recompute below
     features = compute_features(encoder, volume, window, device, progress)
+    # The cache holds float16: round now, so a first round and a cached second round see the same
+    # numbers and a fixed seed gives the same adapter.
+    features.maps = {stride: m.half().float() for stride, m in features.maps.items()}
     folder.mkdir(parents=True, exist_ok=True)
     from Med3DFMLib.io.atomic import atomic_path, write_text_atomic
 
