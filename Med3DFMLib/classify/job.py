@@ -22,6 +22,7 @@ from Med3DFMLib.classify.data import ListRow, ScanFeatures, full_tokens, make_ex
 from Med3DFMLib.classify.model import ClassifyAdapter, build_classify_adapter
 from Med3DFMLib.classify.train import train_classifier
 from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.fewshot.adapt import DEFAULT_ENCODER
 from Med3DFMLib.inference import choose_device
 from Med3DFMLib.io.atomic import check_writable, write_text_atomic
 from Med3DFMLib.io.tables import write_tsv
@@ -30,7 +31,6 @@ from Med3DFMLib.preprocess import InputSpec
 from Med3DFMLib.progress import Progress
 from Med3DFMLib.record import new_record, record_path_for
 
-DEFAULT_ENCODER = "med3dfm-encoder-small"
 
 
 def _where(where: str, err: Med3DFMError) -> Med3DFMError:
