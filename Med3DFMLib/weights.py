@@ -31,11 +31,12 @@ def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_weights(path: PathLike) -> Tuple[Dict[str, "torch.Tensor"], Dict[str, Any]]:
-    """Load tensors and card from a safetensors file; refuse anything else with a clear message."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from safetensors import safe_open
+def read_card(path: PathLike) -> Dict[str, Any]:
+    """The model card of a safetensors weight file, without loading its tensors.
+
+    Refuses pickle-based formats and files without a card with a clear message.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -48,16 +49,27 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, "torch.Tensor"], Dict[str, A
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise Med3DFMError(f"not a valid safetensors weight file: {path} ({err})") from None
     card_text = metadata.get(CARD_KEY)
     if card_text is None:
         raise Med3DFMError(f"{path.name} is a safetensors file but carries no Med3DFM model card")
     try:
-        card = json.loads(card_text)
+        return json.loads(card_text)
     except json.JSONDecodeError as err:
         raise Med3DFMError(f"the model card inside {path.name} is not valid JSON ({err})") from None
+
+
+def read_weights(path: PathLike) -> Tuple[Dict[str, "torch.Tensor"], Dict[str, Any]]:
+    """Load tensors and card from a safetensors file; refuse anything else with a clear message."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    card = read_card(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise Med3DFMError(f"not a valid safetensors weight file: {path} ({err})") from None
     return tensors, card
 
 

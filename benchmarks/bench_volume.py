@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ for _path in (str(ROOT), str(Path(__file__).resolve().parent)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from bench_window import peak_rss_bytes, reset_peak_rss  # noqa: E402
+from bench_window import peak_rss_bytes, reset_peak_rss, run_in_fresh_process  # noqa: E402
 
 DICOM_DIR = ROOT / "Testing" / "Data" / "totalseg" / "example_ct_dicom"
 STAGES = ["load", "preprocess", "infer", "postprocess", "write"]
@@ -318,23 +316,12 @@ def worker_peer(args: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run_worker(payload: Dict[str, Any], timeout: float = 7200, in_process: bool = False) -> Dict[str, Any]:
-    """One measurement in a fresh interpreter (its result is the last stdout line), or in this one
-    with `in_process` (quick smoke runs: peak memory then includes what earlier runs left)."""
+    """One measurement in a fresh interpreter, or in this one with `in_process` (quick smoke runs:
+    peak memory then includes what earlier runs left)."""
     if in_process:
         result = worker_peer(payload) if payload["kind"] == "peer" else worker_pipeline(payload)
         return json.loads(json.dumps(result))
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(payload["threads"])
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(payload)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker {payload['kind']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process(Path(__file__).resolve(), payload, payload["threads"], timeout, payload["kind"])
 
 
 # --------------------------------------------------------------------------- report side

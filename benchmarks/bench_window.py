@@ -225,24 +225,31 @@ def worker_matmul(args: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def run_worker(payload: Dict[str, Any], timeout: float = 3600, in_process: bool = False) -> Dict[str, Any]:
-    """Run one measurement in a fresh interpreter (its result is the last line of its stdout), or
-    in this one with `in_process` (quick smoke runs: peak memory then includes what earlier runs left)."""
-    if in_process:
-        result = worker_matmul(payload) if payload.get("kind") == "matmul" else worker_model(payload)
-        return json.loads(json.dumps(result))
+def run_in_fresh_process(script: Path, payload: Dict[str, Any], omp_threads: int, timeout: float, label: str) -> Dict[str, Any]:
+    """Run `script --worker PAYLOAD` in a new interpreter; its result is the last line of its stdout.
+    A fresh process per measurement keeps earlier runs' memory peaks and caches out of it."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(payload["threads"])))
+    env["OMP_NUM_THREADS"] = str(omp_threads)
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(payload)],
+        [sys.executable, str(script), "--worker", json.dumps(payload)],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker {payload.get('model', 'matmul')} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"benchmark worker {label} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_worker(payload: Dict[str, Any], timeout: float = 3600, in_process: bool = False) -> Dict[str, Any]:
+    """One measurement in a fresh interpreter, or in this one with `in_process` (quick smoke runs:
+    peak memory then includes what earlier runs left)."""
+    if in_process:
+        result = worker_matmul(payload) if payload.get("kind") == "matmul" else worker_model(payload)
+        return json.loads(json.dumps(result))
+    threads = int(os.environ.get("OMP_NUM_THREADS", max(payload["threads"])))
+    return run_in_fresh_process(Path(__file__).resolve(), payload, threads, timeout, payload.get("model", "matmul"))
 
 
 # --------------------------------------------------------------------------- report side

@@ -254,9 +254,9 @@ def _check_cache_conflict(entry: Dict[str, Any], origin: str) -> None:
 
 def _import_safetensors(path: Path, catalogue: Catalogue) -> ResolvedModel:
     from Med3DFMLib.io.atomic import atomic_path
-    from Med3DFMLib.weights import read_weights, sha256_of
+    from Med3DFMLib.weights import read_card, sha256_of
 
-    _, card = read_weights(path)
+    card = read_card(path)
     model_id, version = card.get("id"), card.get("version")
     if not isinstance(model_id, str) or not isinstance(version, str) or not is_valid_id(model_id) or not version:
         raise Med3DFMError(
@@ -376,7 +376,7 @@ def import_model(path: os.PathLike, registry: Optional[str] = None,
     suffix = path.suffix.lower()
     if suffix in _PICKLE_SUFFIXES or suffix == ".safetensors":
         catalogue = read_catalogue(registry)
-        return [_import_safetensors(path, catalogue)]  # read_weights refuses pickle formats
+        return [_import_safetensors(path, catalogue)]  # read_card refuses pickle formats
     if suffix == ".zip":
         catalogue = read_catalogue(registry)
         return _import_bundle(path, catalogue, progress)

@@ -97,10 +97,10 @@ def looks_like_path(spec: str) -> bool:
 
 
 def _resolve_file(spec: str) -> ResolvedModel:
-    from Med3DFMLib.weights import read_weights
+    from Med3DFMLib.weights import read_card
 
     path = Path(spec).expanduser()
-    _, card = read_weights(path)  # refuses pickle formats and files without a card
+    card = read_card(path)  # refuses pickle formats and files without a card
     path = path.resolve()
     digest = cache.file_sha256(path)
     model_id = str(card.get("id") or path.stem)
