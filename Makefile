@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # A CPU build of PyTorch, pinned: an open range would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench-smoke clean
+.PHONY: demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Not part of the tests: about 15 minutes on 2 cores; writes docs/benchmarks.md.
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build

@@ -8,6 +8,8 @@
 Raw results (JSON, Markdown tables, PNG plots) go to `--out` (default `docs/benchmarks/`), the
 report to `--report` (default `docs/benchmarks.md`; with `--smoke`, `<out>/benchmarks.md`).
 The report marks the budgets of ARCHITECTURE.md as met or not met with the measured figure.
+It also writes the accuracy summary (`accuracy_report.py`) beside the report: `docs/accuracy.md`,
+or `<out>/accuracy.md` with `--smoke`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ for _path in (str(ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import accuracy_report  # noqa: E402
 import bench_volume  # noqa: E402
 import bench_window  # noqa: E402
 
@@ -209,6 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = {"machine": info, "targets": rows, "wall_seconds": {"window": window_s, "volume": volume_s, "total": wall}, "smoke": args.smoke}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     report.write_text(report_markdown(info, window, volume, rows, out, report, args.smoke, wall), encoding="utf-8")
+    accuracy_report.main(["--out", str(report.parent / "accuracy.md")])
     print(f"[run_all] wrote {report} in {wall:.0f} s (window {window_s:.0f} s, volume {volume_s:.0f} s)", file=sys.stderr)
     return 0
 

@@ -6,7 +6,7 @@ or {"stage": "error", "message": ...}; `models download/import` also print {"res
 Reader threads put the lines on queues; the caller drains them with `poll()` (the Slicer panel from a
 QTimer, so the UI never blocks) or waits with `wait()` (scripts and tests).
 
-New commands (classify, learn, explain) plug in by adding a command builder and a stage table: the
+Each command (segment, adapt, classify, explain, models) has a command builder and a stage table; the
 runner, parsing, cancel and clean-up are shared.
 """
 
@@ -53,7 +53,26 @@ STAGE_SPANS: Dict[str, Dict[str, Tuple[float, float]]] = {
         "segment": (0.92, 0.99),
         "done": (1.0, 1.0),
     },
+    # `classify` (one scan): encoder features dominate; the adapter and the heatmap are quick
+    # (occlusion, the slow reference, reports as "explain").
+    "classify": {
+        "load": (0.0, 0.05),
+        "download": (0.0, 0.05),
+        "features": (0.05, 0.85),
+        "classify": (0.05, 0.9),
+        "explain": (0.3, 0.98),
+        "done": (1.0, 1.0),
+    },
+    "explain": {
+        "load": (0.0, 0.05),
+        "download": (0.0, 0.05),
+        "features": (0.05, 0.5),
+        "explain": (0.05, 0.98),
+        "done": (1.0, 1.0),
+    },
 }
+CLASSIFY_HEATMAPS = ("attention", "gradcam", "occlusion")  # classification adapters
+EXPLAIN_METHODS = ("gradcam", "occlusion")  # segmentation models and few-shot adapters
 
 
 def segment_command(
@@ -134,6 +153,65 @@ def adapt_command(
         command += ["--registry", str(registry)]
     if seed is not None:
         command += ["--seed", str(int(seed))]
+    return command + ["--progress", "json"]
+
+
+def classify_command(
+    python: str,
+    image: Path,
+    output: Path,
+    model: str,
+    device: str = "auto",
+    roi: Optional[Path] = None,
+    heatmap: Optional[Path] = None,
+    heatmap_method: str = "attention",
+    target: Optional[str] = None,
+    registry: Optional[str] = None,
+) -> List[str]:
+    """`PythonSlicer -m Med3DFMLib.cli classify IMG --model M -o OUT.tsv [--roi R] [--heatmap H.nrrd] --progress json`."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if not str(output).lower().endswith(".tsv"):
+        raise ValueError(f"the result table must end in .tsv: {output}")
+    command = [python, "-m", CLI_MODULE, "classify", str(image), "--model", model, "-o", str(output), "--device", device]
+    if roi is not None:
+        command += ["--roi", str(roi)]
+    if heatmap is not None:
+        if heatmap_method not in CLASSIFY_HEATMAPS:
+            raise ValueError(f"heatmap method must be one of {', '.join(CLASSIFY_HEATMAPS)}, not {heatmap_method!r}")
+        if not str(heatmap).lower().endswith(".nrrd") or str(heatmap).lower().endswith(".seg.nrrd"):
+            raise ValueError(f"the heatmap must be a float volume ending in .nrrd: {heatmap}")
+        command += ["--heatmap", str(heatmap), "--heatmap-method", heatmap_method]
+    if target:
+        command += ["--target", target]
+    if registry:
+        command += ["--registry", str(registry)]
+    return command + ["--progress", "json"]
+
+
+def explain_command(
+    python: str,
+    image: Path,
+    output: Path,
+    model: str,
+    target: str,
+    method: str = "gradcam",
+    device: str = "auto",
+    registry: Optional[str] = None,
+) -> List[str]:
+    """`PythonSlicer -m Med3DFMLib.cli explain IMG --model M --target NAME -o HEAT.nrrd --method ... --progress json`."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if method not in EXPLAIN_METHODS + ("attention",):
+        raise ValueError(f"method must be one of {', '.join(EXPLAIN_METHODS)} (or attention for classifiers), not {method!r}")
+    if not target or not target.strip():
+        raise ValueError("explain needs the name of the segment or class to explain")
+    if not str(output).lower().endswith(".nrrd") or str(output).lower().endswith(".seg.nrrd"):
+        raise ValueError(f"the heatmap must be a float volume ending in .nrrd: {output}")
+    command = [python, "-m", CLI_MODULE, "explain", str(image), "--model", model, "--target", target.strip(), "-o", str(output),
+               "--method", method, "--device", device]
+    if registry:
+        command += ["--registry", str(registry)]
     return command + ["--progress", "json"]
 
 

@@ -405,8 +405,14 @@ def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-+]", version))
 
 
+def is_classifier(entry: Mapping[str, Any]) -> bool:
+    """A classification adapter (`adapt --task classify`), as opposed to a few-shot segmentation adapter."""
+    return entry.get("task") == "adapter" and entry.get("kind") == "classify"
+
+
 def segment_model_choices(registry_models: Sequence[Mapping[str, Any]], adapters: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
-    """(label, model id) for the Segment model list: the registry's segmentation models, then learned adapters."""
+    """(label, model id) for the Segment model list: the registry's segmentation models, then learned
+    segmentation adapters (classification adapters have their own list)."""
     choices = []
     seen = set()
     for entry in registry_models:
@@ -414,7 +420,130 @@ def segment_model_choices(registry_models: Sequence[Mapping[str, Any]], adapters
             seen.add(entry["id"])
             choices.append((f"{entry.get('title') or entry['id']} ({entry['id']})", str(entry["id"])))
     for entry in adapters:
-        if entry["id"] not in seen:
+        if entry["id"] not in seen and not is_classifier(entry):
             seen.add(entry["id"])
             choices.append((f"{entry.get('title') or entry['id']} (learned: {entry['id']})", str(entry["id"])))
     return choices
+
+
+def classifier_choices(models: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
+    """(label, model id) for the Classify model list: classification adapters, with their classes."""
+    choices = []
+    for entry in models:
+        if is_classifier(entry):
+            classes = " / ".join(str(c) for c in entry.get("classes", []))
+            choices.append((f"{entry.get('title') or entry['id']} ({classes})", str(entry["id"])))
+    return choices
+
+
+def segment_names(entry: Optional[Mapping[str, Any]]) -> List[str]:
+    """What `explain --target` accepts for a segmentation model or adapter: its label names, in order."""
+    if not entry:
+        return []
+    return [str(label["name"]) for label in sorted(entry.get("labels", []), key=lambda label: int(label.get("value", 0))) if label.get("name")]
+
+
+def region_labels(segments: Sequence[PaintedSegment]) -> PaintedLabels:
+    """The union of the given (visible) segments as one region for `classify --roi`: value 1 inside."""
+    kept = [s for s in segments if np.any(s.mask)]
+    if not kept:
+        raise ValueError("the region segmentation is empty: paint the region, or classify the whole volume")
+    mask = np.zeros(kept[0].mask.shape, dtype=np.uint8)
+    for segment in kept:
+        if segment.mask.shape != mask.shape:
+            raise ValueError(f"segment '{segment.name}' is not on the volume's grid")
+        mask[np.asarray(segment.mask) > 0] = 1
+    info = {"value": 1, "id": "region", "name": "region", "color": [1.0, 1.0, 0.0], "terminology": ""}
+    return PaintedLabels(mask, [info], ["region"], [s.name for s in segments if not np.any(s.mask)])
+
+
+# --- classification and heatmaps -------------------------------------------------------------------
+
+@dataclass
+class HeatmapResult:
+    """A heatmap file (float .nrrd on the input grid, values 0..1) and the JSON note beside it."""
+
+    path: Path
+    note: Dict[str, Any]
+
+    @classmethod
+    def from_file(cls, path: Path) -> "HeatmapResult":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"the heatmap {path.name} was not written; the job did not finish")
+        note_path = record_path_for(path)
+        if not note_path.is_file():
+            raise FileNotFoundError(f"the heatmap note {note_path.name} was not written; the job did not finish")
+        note = json.loads(note_path.read_text(encoding="utf-8"))
+        if not isinstance(note, dict) or "method" not in note:
+            raise ValueError(f"{note_path.name} is not a Med3DFM heatmap note")
+        return cls(path, note)
+
+    @property
+    def method(self) -> str:
+        return str(self.note.get("method", ""))
+
+    @property
+    def target(self) -> str:
+        return str(self.note.get("target", ""))
+
+    def title(self) -> str:
+        """Short text for the node name and the status line, e.g. "gradcam: tumour"."""
+        return f"{self.method}: {self.target}" if self.target else self.method
+
+
+@dataclass
+class ClassifyResult:
+    """A finished classify job: one scan's class probabilities, the calibration note, provenance."""
+
+    table: Path
+    record: Dict[str, Any]
+    comments: List[str]
+    classes: List[str]
+    probabilities: List[float]
+    prediction: str
+    heatmap: Optional[HeatmapResult] = None
+
+    @classmethod
+    def from_outputs(cls, outputs: Mapping[str, str], table: Path) -> "ClassifyResult":
+        table = Path(outputs.get("table") or table)
+        comments, columns, rows = read_tsv(table)
+        prefix = "probability_"
+        classes = [c[len(prefix):] for c in columns if c.startswith(prefix)]
+        if not rows or "prediction" not in columns or not classes:
+            raise ValueError(f"{table.name} has no classification result")
+        row = rows[0]
+        prediction = str(row[columns.index("prediction")])
+        if prediction.startswith("ERROR"):
+            raise ValueError(prediction)
+        probabilities = [float(row[columns.index(prefix + c)]) for c in classes]
+        heatmap = HeatmapResult.from_file(Path(outputs["heatmap"])) if outputs.get("heatmap") else None
+        return cls(table, read_job_record(record_path_for(table)), comments, classes, probabilities, prediction, heatmap)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.record.get("calibration", {}).get("calibrated"))
+
+    @property
+    def model_id(self) -> str:
+        return str(self.record.get("model", {}).get("id", ""))
+
+    @property
+    def model_version(self) -> str:
+        return str(self.record.get("model", {}).get("version", ""))
+
+    def table_columns(self) -> List[Tuple[str, List[Any]]]:
+        """(column name, values) for the table node: one row per class, the prediction marked."""
+        return [
+            ("class", list(self.classes)),
+            ("probability", [round(p, 4) for p in self.probabilities]),
+            ("predicted", ["yes" if c == self.prediction else "" for c in self.classes]),
+            ("calibrated", ["yes" if self.calibrated else "no"] * len(self.classes)),
+            ("model", [self.model_id] * len(self.classes)),
+            ("model version", [self.model_version] * len(self.classes)),
+        ]
+
+    def summary(self) -> str:
+        """One line for the status label, e.g. "mass 0.83 (calibrated)"."""
+        best = max(self.probabilities)
+        return f"{self.prediction} {best:.2f} ({'calibrated' if self.calibrated else 'not calibrated'})"

@@ -203,8 +203,8 @@ def _train_classifier(examples: Sequence[Example], class_names: Sequence[str], s
         if count < 2:
             raise Med3DFMError(f"class '{name}' has {count} example(s); every class needs at least 2")
     steps = max_steps or default_steps(len(examples))
-    every = max(10, steps // 20)
-    checkpoints = list(range(every, steps + 1, every))
+    every = min(steps, max(10, steps // 20))
+    checkpoints = sorted(set(range(every, steps + 1, every)) | {steps})  # never empty, even for a few steps
     k = int(min(MAX_FOLDS, counts.min()))
     folds = _folds(labels, k, seed)
     oof = {c: torch.zeros(len(examples), len(class_names)) for c in checkpoints}

@@ -2,7 +2,7 @@
 
 Slicer cannot be installed in CI, so this provides `slicer` (app, mrmlScene, util), `qt`, the
 parameter-node wrapper and the scripted-module base classes just far enough for Med3DFM.py to import and
-for its Logic to run the real path: a volume node (vtkImageData + IJK→RAS vtkMatrix4x4) written to a
+for its Logic and its self-test (Med3DFMTest, with a SampleData stand-in) to run the real path: a volume node (vtkImageData + IJK→RAS vtkMatrix4x4) written to a
 file, the real CLI job, and the .seg.nrrd/.tsv read back into nodes. Readers and writers behave as
 Slicer's do: RAS node geometry, LPS files, segment metadata from the NRRD header's Segment<N>_* fields.
 
@@ -11,10 +11,12 @@ It is not a model of Slicer: only the calls Med3DFM.py makes exist, so a call it
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import sys
 import tempfile
 import types
+import unittest
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -89,6 +91,12 @@ class Node:
     def Modified(self) -> None:
         pass
 
+    def GetStorageNode(self) -> Optional["Node"]:
+        return getattr(self, "_storage", None)
+
+    def SetAndObserveStorageNodeID(self, node_id: Optional[str]) -> None:
+        self._storage = None if node_id is None else next(n for n in slicer.mrmlScene.nodes if n.GetID() == node_id)
+
 
 class vtkMRMLScalarVolumeNode(Node):
     def __init__(self, name: str = "") -> None:
@@ -111,6 +119,43 @@ class vtkMRMLScalarVolumeNode(Node):
     def GetSpacing(self):
         return tuple(float(s) for s in np.linalg.norm(_matrix_to_numpy(self._ijk_to_ras)[:3, :3], axis=0))
 
+    def GetDisplayNode(self) -> Optional["vtkMRMLScalarVolumeDisplayNode"]:
+        return getattr(self, "_display", None)
+
+    def CreateDefaultDisplayNodes(self) -> None:
+        if getattr(self, "_display", None) is None:
+            self._display = vtkMRMLScalarVolumeDisplayNode()
+
+
+class vtkMRMLScalarVolumeDisplayNode(Node):
+    """Colour table, window/level and threshold, as the Logic sets them for a heatmap overlay."""
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.color_node_id = "vtkMRMLColorTableNodeGrey"
+        self.auto_window_level = True
+        self.window_level_min_max = (0.0, 0.0)
+        self.threshold = (0.0, 0.0)
+        self.apply_threshold = False
+
+    def SetAndObserveColorNodeID(self, node_id: str) -> None:
+        self.color_node_id = node_id
+
+    def GetColorNodeID(self) -> str:
+        return self.color_node_id
+
+    def AutoWindowLevelOff(self) -> None:
+        self.auto_window_level = False
+
+    def SetWindowLevelMinMax(self, low: float, high: float) -> None:
+        self.window_level_min_max = (float(low), float(high))
+
+    def SetThreshold(self, lower: float, upper: float) -> None:
+        self.threshold = (float(lower), float(upper))
+
+    def ApplyThresholdOn(self) -> None:
+        self.apply_threshold = True
+
 
 class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
     pass
@@ -127,6 +172,9 @@ class vtkMRMLVolumeArchetypeStorageNode(Node):
 
     def SetFileName(self, name: str) -> None:
         self._file = name
+
+    def GetFileName(self) -> str:
+        return self._file
 
     def UseCompressionOff(self) -> None:
         self.compression = False
@@ -191,6 +239,12 @@ class Segmentation:
 
     def GetSegmentIdBySegmentName(self, name: str) -> str:
         return next((sid for sid, s in self._segments.items() if s.GetName().lower() == name.lower()), "")
+
+    def AddEmptySegment(self, segment_id: str = "", segment_name: str = "", color=None) -> str:
+        """vtkSegmentation::AddEmptySegment(segmentId, segmentName, color): an all-zero 1-voxel labelmap."""
+        segment_id = segment_id or f"Segment_{len(self._segments) + 1}"
+        self._segments[segment_id] = Segment(segment_name or segment_id, color or (0.5, 0.5, 0.5), np.zeros((1, 1, 1), np.uint8), np.eye(4))
+        return segment_id
 
     def AddSegment(self, segment: Segment, segment_id: str) -> None:
         self._segments[segment_id] = segment
@@ -353,21 +407,42 @@ class Scene:
 
 # --- readers (what slicer.util.load* do for these files) ----------------------------------------------
 
-def loadVolume(path: str, labelmap: bool = False) -> vtkMRMLScalarVolumeNode:
+def loadVolume(path: str, properties: Optional[Dict[str, Any]] = None) -> vtkMRMLScalarVolumeNode:
+    """Slicer's `loadVolume(filename, properties)`: "name", "labelmap", "show" (ignored here) are understood."""
+    properties = properties or {}
+    labelmap = bool(properties.get("labelmap", False))
     image = sitk.ReadImage(str(path))
     spacing = np.array(image.GetSpacing())
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * spacing
     ijk_to_lps[:3, 3] = image.GetOrigin()
     cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
-    node = slicer.mrmlScene.AddNewNodeByClass(cls, Path(path).name.split(".")[0])
+    node = slicer.mrmlScene.AddNewNodeByClass(cls, properties.get("name") or Path(path).name.split(".")[0])
     node.SetAndObserveImageData(_image_data(sitk.GetArrayFromImage(image)))
     node.SetIJKToRASMatrix(_numpy_to_matrix(LPS_TO_RAS @ ijk_to_lps))
+    node.CreateDefaultDisplayNodes()
+    _attach_storage(node, path)
     return node
 
 
-def loadLabelVolume(path: str) -> vtkMRMLScalarVolumeNode:
-    return loadVolume(path, labelmap=True)
+def _attach_storage(node: Node, path: str) -> None:
+    """As Slicer's readers do: a storage node in the scene remembers the file the node came from."""
+    storage = slicer.mrmlScene.AddNode(vtkMRMLVolumeArchetypeStorageNode())
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+
+
+def loadLabelVolume(path: str, properties: Optional[Dict[str, Any]] = None) -> vtkMRMLScalarVolumeNode:
+    return loadVolume(path, {**(properties or {}), "labelmap": True})
+
+
+SLICE_LAYERS: Dict[str, Any] = {}  # what the last setSliceViewerLayers call asked the slice views to show
+
+
+def setSliceViewerLayers(background: Any = "keep-current", foreground: Any = "keep-current", label: Any = "keep-current",
+                         foregroundOpacity: Optional[float] = None, labelOpacity: Optional[float] = None, fit: bool = False,
+                         rotateToVolumePlane: bool = False) -> None:
+    SLICE_LAYERS.update(background=background, foreground=foreground, foregroundOpacity=foregroundOpacity)
 
 
 def _parse_segment_fields(header: Dict[str, Any]) -> List[Dict[str, str]]:
@@ -405,6 +480,7 @@ def loadSegmentation(path: str) -> vtkMRMLSegmentationNode:
                 key, value_text = tag.split(":", 1)
                 segment.SetTag(key, value_text)
         node.GetSegmentation().AddSegment(segment, fields["ID"])
+    _attach_storage(node, path)
     return node
 
 
@@ -469,7 +545,7 @@ def install() -> types.ModuleType:
 
     util.VTKObservationMixin = VTKObservationMixin
     for function in (loadVolume, loadLabelVolume, loadSegmentation, arrayFromVolume, arrayFromSegmentBinaryLabelmap,
-                     updateSegmentBinaryLabelmapFromArray):
+                     updateSegmentBinaryLabelmapFromArray, setSliceViewerLayers):
         setattr(util, function.__name__, function)
 
     i18n = types.ModuleType("slicer.i18n")
@@ -503,14 +579,14 @@ def install() -> types.ModuleType:
         def getParameterNode(self) -> Node:
             return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
 
-    class ScriptedLoadableModuleTest:
-        pass
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        """Slicer's base class is a unittest.TestCase with delayDisplay; the self-test runs unchanged."""
+
+        def delayDisplay(self, message: str, requestedDelay: Optional[int] = None, msec: Optional[int] = None) -> None:
+            print(message)
 
     for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
         setattr(scripted, cls.__name__, cls)
-
-    segmentations = types.ModuleType("vtkSlicerSegmentationsModuleMRMLPython")
-    segmentations.vtkMRMLSegmentationNode = vtkMRMLSegmentationNode
 
     slicer.app = app
     slicer.mrmlScene = Scene()
@@ -522,6 +598,32 @@ def install() -> types.ModuleType:
     slicer.vtkMRMLSegmentationNode = vtkMRMLSegmentationNode
     slicer.__path__ = []  # a package, so `import slicer.util` works
 
+    sample_data = types.ModuleType("SampleData")
+
+    class SampleDataLogic:
+        sources: Dict[str, Dict[str, Any]] = {}
+
+        @staticmethod
+        def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
+                                           customDownloader=None, thumbnailFileName=None, loadFileTypes=None, loadFiles=None,
+                                           loadFileProperties={}, checksums=None, loadFileType=None):
+            """The signature of Slicer's SampleData.SampleDataLogic (Modules/Scripted/SampleData/SampleData.py)."""
+            SampleDataLogic.sources[sampleName] = {"uris": uris, "fileNames": fileNames, "nodeNames": nodeNames, "checksums": checksums}
+
+    def downloadSample(sample_name: str) -> vtkMRMLScalarVolumeNode:
+        """A registered local sample: the file behind its file:// URI, checked against its checksum, loaded."""
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        source = SampleDataLogic.sources[sample_name]
+        path = url2pathname(urlparse(source["uris"]).path)
+        algorithm, digest = source["checksums"].split(":", 1)
+        assert hashlib.new(algorithm.lower(), Path(path).read_bytes()).hexdigest() == digest, "sample checksum mismatch"
+        return loadVolume(path, {"name": source["nodeNames"]})
+
+    sample_data.SampleDataLogic = SampleDataLogic
+    sample_data.downloadSample = downloadSample
+
     qt = types.ModuleType("qt")  # the Logic makes no Qt calls; the Widget is not exercised here
     sys.modules.update({
         "slicer": slicer,
@@ -529,7 +631,7 @@ def install() -> types.ModuleType:
         "slicer.i18n": i18n,
         "slicer.parameterNodeWrapper": wrapper,
         "slicer.ScriptedLoadableModule": scripted,
-        "vtkSlicerSegmentationsModuleMRMLPython": segmentations,
         "qt": qt,
+        "SampleData": sample_data,
     })
     return slicer

@@ -56,7 +56,7 @@ def smoke_run(tmp_path_factory) -> Path:
 
 
 def test_files_written(smoke_run: Path) -> None:
-    for name in ("benchmarks.md", "window.md", "window.json", "volume.md", "volume.json", "scaling.md", "scaling.json", "summary.json"):
+    for name in ("benchmarks.md", "accuracy.md", "window.md", "window.json", "volume.md", "volume.json", "scaling.md", "scaling.json", "summary.json"):
         assert (smoke_run / name).stat().st_size > 0, name
     scaling = json.loads((smoke_run / "scaling.json").read_text())
     for plot in scaling.get("plots", []):  # only when matplotlib is installed

@@ -97,6 +97,15 @@ def test_card_and_record(model):
     assert record["adapter"]["sha256"] and record["calibration"] == card["calibration"]
 
 
+def test_a_few_training_steps_still_choose_a_checkpoint(adrenal, tmp_path):
+    """Fewer steps than the checkpoint spacing (10) once left nothing to choose from (ValueError)."""
+    from Med3DFMLib.classify.data import read_list
+    from Med3DFMLib.classify.job import run_adapt_classify
+
+    record = run_adapt_classify(read_list(adrenal["folder"] / "train.csv", True), "few steps", tmp_path / "few.safetensors", max_steps=5)
+    assert record["training"]["steps"] == 5 and record["training"]["max_steps"] == 5
+
+
 def test_classify_list_table(adrenal, model):
     out = adrenal["folder"] / "results.tsv"
     assert cli(["classify", "--list", str(adrenal["folder"] / "scans.csv"), "--model", str(model), "-o", str(out)]) == 0

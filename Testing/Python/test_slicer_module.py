@@ -420,14 +420,72 @@ def test_ui_parameter_names_are_parameter_node_fields():
     assert set(bound.values()) <= fields and {"inputVolume", "outputSegmentation"} <= set(bound.values())
 
 
-def test_no_buttons_for_commands_the_cli_does_not_have():
-    text = UI_FILE.read_text(encoding="utf-8").lower() + MODULE_FILE.read_text(encoding="utf-8").lower()
-    for word in ("classify", "explain", "fewshot"):
-        assert word not in text
-    # Learn from labels runs `med3dfm adapt`, which the CLI has
+def test_every_button_runs_a_command_the_cli_has(tmp_path):
+    """Segment, Learn, Classify, Explain and Models build command lines that the real CLI parser accepts."""
     from Med3DFMLib.cli import build_parser
 
-    assert "learn from labels" in text and build_parser().parse_args(["adapt", "--image", "i", "--labels", "l", "--name", "n", "-o", "o.safetensors"]).command == "adapt"
+    parser = build_parser()
+    commands = {
+        "segment": jobs.segment_command("py", tmp_path / "i.nrrd", tmp_path / "o.seg.nrrd", DEMO),
+        "adapt": jobs.adapt_command("py", tmp_path / "i.nrrd", tmp_path / "l.seg.nrrd", "x", tmp_path / "x.safetensors"),
+        "classify": jobs.classify_command("py", tmp_path / "i.nrrd", tmp_path / "r.tsv", "m"),
+        "explain": jobs.explain_command("py", tmp_path / "i.nrrd", tmp_path / "h.nrrd", DEMO, "anterior hippocampus"),
+        "models": jobs.models_command("py", "list"),
+    }
+    for name, command in commands.items():
+        assert parser.parse_args(command[3:]).command == name
+    text = UI_FILE.read_text(encoding="utf-8")
+    for button in ("Segment", "Learn", "Classify", "Explain"):
+        assert f"<string>{button}</string>" in text
+
+
+def test_classify_and_explain_commands(tmp_path):
+    from Med3DFMLib.cli import build_parser
+
+    parser = build_parser()
+    command = jobs.classify_command("py", tmp_path / "i.nrrd", tmp_path / "r.tsv", "adrenal-mass", "cpu", roi=tmp_path / "roi.seg.nrrd",
+                                    heatmap=tmp_path / "h.nrrd", heatmap_method="gradcam")
+    assert command[-2:] == ["--progress", "json"]
+    args = parser.parse_args(command[3:])
+    assert (args.input, args.model, args.output, args.device) == (tmp_path / "i.nrrd", "adrenal-mass", tmp_path / "r.tsv", "cpu")
+    assert (args.roi, args.heatmap, args.heatmap_method) == (tmp_path / "roi.seg.nrrd", tmp_path / "h.nrrd", "gradcam")
+    plain = parser.parse_args(jobs.classify_command("py", "i.nrrd", "r.tsv", "m")[3:])
+    assert (plain.roi, plain.heatmap, plain.device) == (None, None, "auto")
+    args = parser.parse_args(jobs.explain_command("py", "i.nrrd", "h.nrrd", DEMO, " anterior hippocampus ", "occlusion", "cpu")[3:])
+    assert (args.model, args.target, args.method, args.output) == (DEMO, "anterior hippocampus", "occlusion", Path("h.nrrd"))
+    for bad in ({"output": "r.csv"}, {"device": "gpu"}, {"heatmap": "h.seg.nrrd"}, {"heatmap": "h.nrrd", "heatmap_method": "saliency"}):
+        with pytest.raises(ValueError):
+            jobs.classify_command(**{"python": "py", "image": "i.nrrd", "output": "r.tsv", "model": "m", **bad})
+    for bad in ({"target": " "}, {"method": "lime"}, {"output": "h.seg.nrrd"}, {"device": "tpu"}):
+        with pytest.raises(ValueError):
+            jobs.explain_command(**{"python": "py", "image": "i.nrrd", "output": "h.nrrd", "model": DEMO, "target": "t", **bad})
+
+
+def test_classifiers_have_their_own_list_and_segments_name_explain_targets(tmp_path):
+    adapters = [
+        {"id": "left-atrium", "task": "adapter", "title": "left atrium", "labels": [{"value": 1, "name": "left atrium"}]},
+        {"id": "adrenal-mass", "task": "adapter", "kind": "classify", "title": "adrenal mass", "classes": ["normal", "mass"]},
+    ]
+    registry = environment.read_registry(ROOT / "Resources" / "models.json")["models"]
+    segment_ids = [model_id for _label, model_id in results.segment_model_choices(registry, adapters)]
+    assert "left-atrium" in segment_ids and "adrenal-mass" not in segment_ids
+    assert results.classifier_choices(adapters) == [("adrenal mass (normal / mass)", "adrenal-mass")]
+    demo = environment.registry_entry({"models": registry}, DEMO)
+    assert results.segment_names(demo) == ["anterior hippocampus", "posterior hippocampus"]
+    assert results.segment_names(adapters[0]) == ["left atrium"] and results.segment_names(None) == []
+
+
+def test_region_is_the_union_of_the_visible_segments():
+    a = np.zeros((4, 5, 6), bool)
+    a[1, 1:3, 1:3] = True
+    b = np.zeros((4, 5, 6), bool)
+    b[2, 2:4, 2:5] = True
+    region = results.region_labels([_painted_segment("1", "liver", a), _painted_segment("2", "lesion", b),
+                                    _painted_segment("3", "empty", np.zeros((4, 5, 6), bool))])
+    assert region.labels.dtype == np.uint8 and set(np.unique(region.labels)) == {0, 1}
+    assert np.array_equal(region.labels > 0, a | b) and region.skipped == ["empty"]
+    with pytest.raises(ValueError, match="empty"):
+        results.region_labels([_painted_segment("3", "empty", np.zeros((4, 5, 6), bool))])
 
 
 def test_icon_is_a_128_pixel_png():
@@ -661,3 +719,145 @@ def test_logic_refuses_unusable_learning_requests(module, hippocampus_case):
     with pytest.raises(module.Med3DFMJobError, match="no segment with id"):
         logic.learnFromLabels(volume, node, "x", device="cpu", segmentIds=["missing"], timeout=60)
     assert set(Path(slicer.app.temporaryPath).iterdir()) == before  # no job folder left behind
+
+
+# --- Classify and Explain on the stand-in: node -> file -> real job -> table and heatmap overlay ----------
+
+ADRENAL = ROOT.parent / "shared" / "data" / "adrenal" / "adrenalmnist3d_64_trainval.npz"
+
+
+def _write_scan(array, path):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
+    image.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+def _assert_heatmap_overlay(slicer_standin, heatmap_node, volume, module):
+    """A [0, 1] volume on the input's grid, shown over the input with the heatmap colours, no temp file."""
+    heat = slicer_standin.arrayFromVolume(heatmap_node)
+    assert heat.shape == slicer_standin.arrayFromVolume(volume).shape
+    assert heat.min() >= 0.0 and heat.max() == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose(slicer_standin._matrix_to_numpy(heatmap_node._ijk_to_ras), slicer_standin._matrix_to_numpy(volume._ijk_to_ras))
+    display = heatmap_node.GetDisplayNode()
+    assert display.GetColorNodeID() == module.HEATMAP_COLOR_NODE_ID and display.window_level_min_max == (0.0, 1.0)
+    assert display.apply_threshold and display.threshold == (module.HEATMAP_LOWER_THRESHOLD, 1.0) and not display.auto_window_level
+    assert slicer_standin.SLICE_LAYERS == {"background": volume, "foreground": heatmap_node, "foregroundOpacity": module.HEATMAP_OPACITY}
+    assert heatmap_node.GetStorageNode() is None  # the job folder it was read from is gone
+    return heat
+
+
+def test_logic_classifies_a_volume_inside_a_region_with_a_heatmap(module, tmp_path):
+    """Classify end to end: a classifier trained on real AdrenalMNIST3D scans, imported as a model, applied to
+    a held-out scan node inside a painted region; the table and heatmap match the library run on the same files."""
+    import slicer_standin
+    from Med3DFMLib.classify.data import ListRow
+    from Med3DFMLib.classify.job import run_adapt_classify, run_classify
+
+    slicer = slicer_standin.slicer
+    archive = np.load(ADRENAL)
+    x, y = archive["train_images"], archive["train_labels"].ravel()
+    rows = [ListRow(f"row {i}", _write_scan(x[i], tmp_path / f"train_{i}.nii.gz"), "mass" if y[i] else "normal")
+            for cls in (0, 1) for i in np.nonzero(y == cls)[0][:4]]
+    trained = tmp_path / "adrenal-mass.safetensors"
+    run_adapt_classify(rows, "adrenal mass", trained, max_steps=20)
+    logic = module.Med3DFMLogic()
+    logic.saveAdapter(trained)
+    assert ("adrenal mass (normal / mass)", "adrenal-mass") in logic.classifierChoices()
+    assert "adrenal-mass" not in [model_id for _label, model_id in logic.segmentModelChoices()]
+
+    scan = _write_scan(archive["val_images"][0], tmp_path / "val_0.nii.gz")
+    volume = slicer.util.loadVolume(str(scan))
+    ijk_to_ras = slicer_standin._matrix_to_numpy(volume._ijk_to_ras)
+    box = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    box[16:48, 16:48, 16:48] = 1  # the middle of the 64³ crop, where the adrenal gland sits
+    region = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "region")
+    region.CreateDefaultDisplayNodes()
+    region.GetSegmentation().AddSegment(slicer_standin.Segment("gland", (1, 1, 0), box, ijk_to_ras), "gland")
+    hidden = np.zeros_like(box)
+    hidden[:4, :4, :4] = 1
+    region.GetSegmentation().AddSegment(slicer_standin.Segment("hidden", (0, 1, 0), hidden, ijk_to_ras), "hidden")
+    region.GetDisplayNode().SetSegmentVisibility("hidden", False)
+
+    temporary_before = set(Path(slicer.app.temporaryPath).iterdir())
+    classified = logic.classify(volume, "adrenal-mass", roiSegmentationNode=region, heatmapMethod="gradcam", device="cpu", timeout=300)
+
+    # the same probabilities and heatmap as the library on the same scan and region
+    _write_scan(box, tmp_path / "box.nii.gz")
+    record, failed = run_classify([ListRow("scan", scan, roi=tmp_path / "box.nii.gz")], str(trained), tmp_path / "direct.tsv",
+                                  tmp_path / "direct_heat.nrrd", "gradcam")
+    assert failed == 0
+    _comments, columns, direct = results.read_tsv(tmp_path / "direct.tsv")
+    expected = [direct[0][columns.index(f"probability_{c}")] for c in ("normal", "mass")]
+    result = classified["result"]
+    assert result.classes == ["normal", "mass"] and result.probabilities == pytest.approx(expected, abs=1e-4)
+    assert sum(result.probabilities) == pytest.approx(1.0, abs=1e-4) and result.prediction == direct[0][1]
+    assert not result.calibrated  # 4 examples per class: the card says so and so does the table
+
+    table = classified["tableNode"].GetTable()
+    assert classified["tableNode"].GetNumberOfRows() == 2
+    assert [table.GetColumn(i).GetName() for i in range(table.GetNumberOfColumns())] == ["class", "probability", "predicted", "calibrated", "model", "model version"]
+    assert table.GetColumnByName("probability").GetValue(1) == pytest.approx(expected[1], abs=1e-4)
+    assert table.GetColumnByName("calibrated").GetValue(0) == "no" and table.GetColumnByName("model").GetValue(0) == "adrenal-mass"
+    provenance = json.loads(classified["tableNode"].GetAttribute(results.PROVENANCE_ATTRIBUTE))
+    assert provenance["command"] == "classify" and provenance["model"]["id"] == "adrenal-mass"
+
+    # the Grad-CAM heatmap: the library's map of the same inputs (how a region restricts pooling is
+    # tested in test_classify.py; the map's cells are 20 mm here, coarser than the region's edges)
+    heat = _assert_heatmap_overlay(slicer_standin, classified["heatmapNode"], volume, module)
+    assert json.loads(classified["heatmapNode"].GetAttribute(results.PROVENANCE_ATTRIBUTE))["method"] == "gradcam"
+    import SimpleITK as sitk
+
+    assert np.allclose(heat, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "direct_heat.nrrd"))), atol=1e-4)
+    assert set(Path(slicer.app.temporaryPath).iterdir()) == temporary_before
+
+    # an empty region is refused before any job starts
+    empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    empty.CreateDefaultDisplayNodes()
+    empty.GetSegmentation().AddSegment(slicer_standin.Segment("nothing", (1, 0, 0), np.zeros_like(box), ijk_to_ras), "nothing")
+    with pytest.raises(module.Med3DFMJobError, match="empty"):
+        logic.classify(volume, "adrenal-mass", roiSegmentationNode=empty, heatmapMethod=None, device="cpu", timeout=300)
+    assert set(Path(slicer.app.temporaryPath).iterdir()) == temporary_before
+    # a segmentation model is not a classifier: one readable message from the job
+    with pytest.raises(module.Med3DFMJobError, match="classification"):
+        logic.classify(volume, DEMO, heatmapMethod=None, device="cpu", timeout=300)
+
+
+def test_logic_explains_a_segment_of_the_demo_model(module, hippocampus_case, tmp_path):
+    """Explain end to end: the Grad-CAM map of the demo model's anterior hippocampus, as an overlay, equal to
+    the library's map of the same file and brighter on the structure than elsewhere."""
+    import slicer_standin
+    from Med3DFMLib.explain.job import run_explain
+
+    slicer = slicer_standin.slicer
+    image_path, labels_path = hippocampus_case
+    volume = slicer.util.loadVolume(str(image_path))
+    logic = module.Med3DFMLogic()
+    assert logic.explainTargets(DEMO) == ["anterior hippocampus", "posterior hippocampus"]
+    heatmap_node = logic.explain(volume, DEMO, "anterior hippocampus", "gradcam", device="cpu", timeout=300)
+    heat = _assert_heatmap_overlay(slicer_standin, heatmap_node, volume, module)
+    note = json.loads(heatmap_node.GetAttribute(results.PROVENANCE_ATTRIBUTE))
+    assert (note["method"], note["target"]) == ("gradcam", "anterior hippocampus")
+
+    run_explain(image_path, DEMO, "anterior hippocampus", tmp_path / "direct.nrrd", "gradcam", device_name="cpu")
+    import SimpleITK as sitk
+
+    direct = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "direct.nrrd")))
+    assert np.allclose(heat, direct, atol=1e-4)
+    labels = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(str(labels_path)))
+    assert heat[labels == 1].mean() > 2 * heat[labels == 0].mean()
+    with pytest.raises(module.Med3DFMJobError, match="unknown target"):
+        logic.explain(volume, DEMO, "amygdala", "gradcam", device="cpu", timeout=300)
+
+
+def test_the_slicer_self_test_runs(module):
+    """The module's own ScriptedLoadableModuleTest (what Slicer's self-test button runs): registered sample
+    with checksum, Segment + Dice, Learn from labels on 3 painted slices + Dice, Explain; all real jobs."""
+    import slicer_standin
+
+    test = module.Med3DFMTest()
+    test.runTest()
+    sample = slicer_standin.sys.modules["SampleData"].SampleDataLogic.sources[module.SAMPLE_NAME]
+    assert sample["checksums"].startswith("SHA256:") and sample["uris"].startswith("file:")
