@@ -143,6 +143,38 @@ def test_adapter_segments_the_unpainted_slices(learned, case):
     assert min(scores) > 0.35, scores
 
 
+def test_coarse_to_fine_prediction_matches_the_full_stride_2_pass(learned, case):
+    """predict_dense recomputes stride-2 cells only near the structure or where stride 4 is unsure:
+    fewer points, the same segmentation."""
+    import torch
+
+    from Med3DFMLib.fewshot.adapt import load_adapter_model, load_encoder, prepare_volume
+    from Med3DFMLib.fewshot.adapter import predict_dense
+
+    _, out, _, _ = learned
+    tensors, card = read_weights(out)
+    adapter = load_adapter_model(tensors, card)
+    encoder = load_encoder(card["encoder"]["id"], None, None)
+    volume = prepare_volume(read_volume(case[0]), encoder, encoder.spec, torch.device("cpu"), None)
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.points = adapter, 0
+
+        def forward(self, points: torch.Tensor) -> torch.Tensor:
+            self.points += points.shape[0]
+            return self.inner(points)
+
+    full_counter, refine_counter = Counting(), Counting()
+    full = predict_dense(full_counter, volume.features, volume.padded_image, refine_only=False)
+    refined = predict_dense(refine_counter, volume.features, volume.padded_image)
+    assert refined.shape == full.shape and np.allclose(refined.sum(0), 1.0, atol=1e-5)
+    for value in (1, 2):
+        assert _dice(refined.argmax(0) == value, full.argmax(0) == value) > 0.99
+    assert refine_counter.points < full_counter.points
+
+
 def test_adapter_file_carries_its_card(learned):
     _, out, slices, _ = learned
     tensors, card = read_weights(out)
