@@ -10,7 +10,6 @@ only soften (T ≥ 1), and the result is marked as not calibrated.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from Med3DFMLib.classify.model import ClassifyAdapter
+from Med3DFMLib.cpu import flush_denormals, single_thread
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
 
@@ -36,18 +36,6 @@ class Example:
     log_weight: torch.Tensor  # (N,) log occupancy
     label: int
     aux: Optional[torch.Tensor] = None  # (N,) fraction of each cell inside the evidence mask
-
-
-@contextlib.contextmanager
-def single_thread():
-    """The head is tiny: one thread is 3-50x faster than two when other jobs share the cores
-    (thread barriers stall on every small op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _batch(examples: Sequence[Example], token_drop: float, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,7 +179,7 @@ def train_classifier(
     progress: Optional[Progress] = None,
 ) -> Tuple[ClassifyAdapter, float, Dict[str, Any]]:
     """(adapter, temperature, summary) from labelled examples (see the module docstring)."""
-    with single_thread():
+    with single_thread(), flush_denormals():
         return _train_classifier(examples, class_names, seed, max_steps, aux_weight, progress)
 
 

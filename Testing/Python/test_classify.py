@@ -123,7 +123,8 @@ def test_adapter_fits_its_training_scans(adrenal, model):
     """Given enough steps the head separates its training scans (resubstitution AUROC); a broken
     pooling, loss or label order leaves this near 0.5. Uses the same tokens the job uses."""
     from Med3DFMLib.classify.data import make_example, scan_features
-    from Med3DFMLib.classify.train import auroc, fit_adapter, predict_logits, single_thread
+    from Med3DFMLib.classify.train import auroc, fit_adapter, predict_logits
+    from Med3DFMLib.cpu import single_thread
     from Med3DFMLib.fewshot.adapt import load_encoder
     from Med3DFMLib.io.volumes import read_volume
 
