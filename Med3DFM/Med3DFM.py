@@ -271,6 +271,8 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # returns the tag that disconnectGui needs (connectGui returns None: Slicer issue #7547).
             self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._boundWidgets())
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+            self.populateClassifierComboBox()
+            self.populateExplainTargets()
         self._updateGUI()
 
     def _boundWidgets(self) -> Dict[str, Any]:
@@ -326,7 +328,11 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The segments of the Segment section's model (what Explain can map)."""
         combo = self.ui.explainTargetComboBox
         node = self._parameterNode
-        names = self.logic.explainTargets(node.modelId) if node else []
+        try:
+            names = self.logic.explainTargets(node.modelId) if node else []
+        except Exception as err:  # a broken registry must not break the panel
+            logging.error(f"Med3DFM: cannot read the segments of {node.modelId}: {err}")
+            names = []
         if [combo.itemText(i) for i in range(combo.count)] != names:
             wasBlocked = combo.blockSignals(True)
             combo.clear()
