@@ -127,6 +127,18 @@ def chosen_slices(truth: np.ndarray, axis: int, k: int) -> List[int]:
     return [p if truth.take(p, axis=axis).any() else int(present[np.argmin(np.abs(present - p))]) for p in picks]
 
 
+def painted(truth: np.ndarray, axis: int, slices: Sequence[int]) -> Tuple[np.ndarray, Tuple[Any, ...]]:
+    """(the structure on the painted slices only, index of the slices scored: all the others)."""
+    sparse = np.zeros(truth.shape, dtype=np.uint8)
+    index: List[Any] = [slice(None)] * 3
+    index[axis] = list(slices)
+    sparse[tuple(index)] = truth[tuple(index)]
+    scored = np.ones(truth.shape[axis], dtype=bool)
+    scored[list(slices)] = False
+    index[axis] = scored
+    return sparse, tuple(index)
+
+
 def dice(prediction: np.ndarray, truth: np.ndarray) -> Optional[float]:
     total = int(prediction.sum()) + int(truth.sum())
     if truth.sum() == 0:
@@ -385,21 +397,14 @@ def run_within(lib: Lib, tasks: Sequence[Task], ks: Sequence[int], seeds: Sequen
         work_spacing = [spacing_zyx[order[0]], spacing_zyx[order[1]] * factor, spacing_zyx[order[2]] * factor]
         for k in ks:
             slices = chosen_slices(truth, axis, k)
-            sparse = np.zeros(truth.shape, dtype=np.uint8)
-            index: List[Any] = [slice(None)] * 3
-            index[axis] = slices
-            sparse[tuple(index)] = truth[tuple(index)]
+            sparse, score_index = painted(truth, axis, slices)
             supervision = lib.supervision(image, sparse, [class_name], dense=False, axis=task.axis)
-            scored = np.ones(truth.shape[axis], dtype=bool)
-            scored[slices] = False
-            score_index: List[Any] = [slice(None)] * 3
-            score_index[axis] = scored
-            truth_scored = truth[tuple(score_index)]
+            truth_scored = truth[score_index]
             base = {"setting": "within", "task": task.name, "group": task.group, "k": k, "slices": slices, "slice_axis": task.axis, "plane": task.plane,
-                    "labelled_voxels": int(sparse.sum()), "scored_slices": int(scored.sum()), "scored_structure_voxels": int(truth_scored.sum())}
+                    "labelled_voxels": int(sparse.sum()), "scored_slices": int(truth.shape[axis] - len(set(slices))), "scored_structure_voxels": int(truth_scored.sum())}
 
             def score(labels: np.ndarray) -> Optional[float]:
-                return dice(labels[tuple(score_index)] == 1, truth_scored)
+                return dice(labels[score_index] == 1, truth_scored)
 
             def record(method: str, seed: int, adapt_s: float, segment_s: float, value: Optional[float], **extra: Any) -> None:
                 row = dict(base, method=method, seed=seed, dice=None if value is None else round(value, 4), adapt_s=round(adapt_s, 3), segment_s=round(segment_s, 3), **extra)

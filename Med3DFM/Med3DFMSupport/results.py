@@ -108,8 +108,22 @@ def _number(cell: str) -> Any:
     return cell
 
 
+class _ModelOfRecord:
+    """The model a job record names (its "model" entry)."""
+
+    record: Dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        return str(self.record.get("model", {}).get("id", ""))
+
+    @property
+    def model_version(self) -> str:
+        return str(self.record.get("model", {}).get("version", ""))
+
+
 @dataclass
-class SegmentResult:
+class SegmentResult(_ModelOfRecord):
     """The files of a finished segment job, and the record that says how they were made."""
 
     segmentation: Path
@@ -124,14 +138,6 @@ class SegmentResult:
         table = Path(outputs["table"]) if outputs.get("table") else None
         record = read_job_record(record_path_for(seg))
         return cls(seg, table, record, json.dumps(record, sort_keys=True), list(record.get("segments", [])))
-
-    @property
-    def model_id(self) -> str:
-        return str(self.record.get("model", {}).get("id", ""))
-
-    @property
-    def model_version(self) -> str:
-        return str(self.record.get("model", {}).get("version", ""))
 
     @property
     def device(self) -> str:
@@ -493,7 +499,7 @@ class HeatmapResult:
 
 
 @dataclass
-class ClassifyResult:
+class ClassifyResult(_ModelOfRecord):
     """A finished classify job: one scan's class probabilities, the calibration note, provenance."""
 
     table: Path
@@ -523,14 +529,6 @@ class ClassifyResult:
     @property
     def calibrated(self) -> bool:
         return bool(self.record.get("calibration", {}).get("calibrated"))
-
-    @property
-    def model_id(self) -> str:
-        return str(self.record.get("model", {}).get("id", ""))
-
-    @property
-    def model_version(self) -> str:
-        return str(self.record.get("model", {}).get("version", ""))
 
     def table_columns(self) -> List[Tuple[str, List[Any]]]:
         """(column name, values) for the table node: one row per class, the prediction marked."""
