@@ -185,6 +185,11 @@ def test_adapter_file_carries_its_card(learned):
     assert card["labels"][0]["color"] == [0.9, 0.5, 0.2]
     assert card["training"]["labelled"][0]["labelled_slices"] == len(slices)
     assert card["training"]["seconds"] > 0
+    # the held-out slices choose the number of steps, never fewer than the floor
+    from Med3DFMLib.fewshot.adapter import MIN_STEPS
+
+    summary = card["training"]["summary"]
+    assert summary["steps"] >= MIN_STEPS and all(h["step"] % 10 == 0 or h["step"] == summary["steps"] for h in summary["selection_history"])
     record = json.loads((out.parent / "hippocampus.json").read_text())
     assert record["adapter"]["sha256"] and record["timings_s"]["train"] > 0
 
