@@ -21,11 +21,12 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -168,9 +169,16 @@ def f3(value: float) -> str:
     return f"{value:.3f}"
 
 
+def mean(values: Iterable[float]) -> float:
+    """numpy's mean, as the evaluation scripts use (see mean_std)."""
+    return float(np.mean(list(values)))
+
+
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and population std (numpy's default, as the evaluation scripts use)."""
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+    """Mean and population std computed as the evaluation scripts compute them (numpy), so a mean
+    that falls on a rounding boundary prints the same digits here as in their reports."""
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), (float(array.std()) if len(array) > 1 else 0.0)
 
 
 def fmt_ms(values: Sequence[float]) -> str:
@@ -241,7 +249,7 @@ def loss_lines(settings: List[Tuple[str, Dict[str, List[float]]]], methods: Sequ
         text = (f"- vs {METHODS.get(method, method)}: ours clearly better in {better}/{len(pairs)}, clearly worse in "
                 f"{len(worse)}/{len(pairs)}, within noise in {len(pairs) - better - len(worse)}/{len(pairs)}")
         if worse:
-            text += ": **loses** at " + "; ".join(f"{n} ({f3(statistics.fmean(a))} vs {f3(statistics.fmean(b))})" for n, a, b in worse)
+            text += ": **loses** at " + "; ".join(f"{n} ({f3(mean(a))} vs {f3(mean(b))})" for n, a, b in worse)
         lines.append(text + ".")
     return lines
 
@@ -316,13 +324,13 @@ def _time_table(rows: Sequence[Dict[str, Any]], methods: Sequence[str], segment_
     out = []
     for m in methods:
         runs = [r for r in rows if r["method"] == m]
-        out.append([METHODS.get(m, m), f"{statistics.fmean(r['adapt_s'] for r in runs):.2f}",
-                    f"{statistics.fmean(r[segment_key] for r in runs):.3f}", str(len(runs))])
+        out.append([METHODS.get(m, m), f"{mean(r['adapt_s'] for r in runs):.2f}",
+                    f"{mean(r[segment_key] for r in runs):.3f}", str(len(runs))])
     return table(["method", "adapt (s, mean)", segment_label, "runs"], out, "lrrr")
 
 
 def _best(cells: Dict[str, List[float]]) -> str:
-    best = max(cells, key=lambda m: statistics.fmean(cells[m]))
+    best = max(cells, key=lambda m: mean(cells[m]))
     return METHODS.get(best, best).replace("**ours**: ", "ours: ")
 
 
@@ -350,7 +358,7 @@ def section_within(fewshot: Dict[str, Any], source: str) -> List[str]:
     for k in ks:
         cells = []
         for m in methods:
-            per_task = [statistics.fmean(settings[key][m]) for key in settings if key[2] == k and m in settings[key]]
+            per_task = [mean(settings[key][m]) for key in settings if key[2] == k and m in settings[key]]
             cells.append(fmt_ms(per_task) if per_task else "–")
         mean_rows.append([str(k)] + cells)
     lines += ["", f"Mean over the {len(tasks)} structures (each structure's seed-mean, then mean ± std across structures):", ""]
