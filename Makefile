@@ -25,7 +25,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# Not part of the tests: about 15 minutes on 2 cores; writes docs/benchmarks.md.
+# Not part of the tests: about 12 minutes on 2 cores; writes docs/benchmarks.md and docs/accuracy.md.
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py
 
