@@ -25,13 +25,14 @@ def record_path_for(output: Path) -> Path:
     return library_rule(Path(output))
 
 
-def read_job_record(path: Path) -> Dict[str, Any]:
+def read_job_record(path: Path, required: str = "command", what: str = "job record") -> Dict[str, Any]:
+    """A JSON object a job wrote (its record, or a heatmap's note), checked for its `required` key."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"the job record {path.name} was not written; the job did not finish")
+        raise FileNotFoundError(f"the {what} {path.name} was not written; the job did not finish")
     record = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(record, dict) or "command" not in record:
-        raise ValueError(f"{path.name} is not a Med3DFM job record")
+    if not isinstance(record, dict) or required not in record:
+        raise ValueError(f"{path.name} is not a Med3DFM {what}")
     return record
 
 
@@ -477,13 +478,7 @@ class HeatmapResult:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"the heatmap {path.name} was not written; the job did not finish")
-        note_path = record_path_for(path)
-        if not note_path.is_file():
-            raise FileNotFoundError(f"the heatmap note {note_path.name} was not written; the job did not finish")
-        note = json.loads(note_path.read_text(encoding="utf-8"))
-        if not isinstance(note, dict) or "method" not in note:
-            raise ValueError(f"{note_path.name} is not a Med3DFM heatmap note")
-        return cls(path, note)
+        return cls(path, read_job_record(record_path_for(path), required="method", what="heatmap note"))
 
     @property
     def method(self) -> str:
