@@ -82,7 +82,7 @@ class DualBranchEncoder(nn.Module):
         for layer, block in enumerate(self.blocks):
             tokens = checkpoint_call(block, tokens) if checkpoint and self.training else block(tokens)
             if layer in fusion_index:
-                tokens = self.local_to_global[fusion_index[layer]](tokens, token_ref, graph_maps)
+                tokens = self.local_to_global[fusion_index[layer]](tokens, token_ref, graph_maps, grid)
             vit_layers.append(tokens)
         tokens = self.norm(tokens)
 
@@ -92,6 +92,6 @@ class DualBranchEncoder(nn.Module):
         for level, feature_map in enumerate(graph_maps):
             size = feature_map.shape[2:]
             queries = feature_map.flatten(2).transpose(1, 2)
-            updated = self.global_to_local[level](queries, reference_points(size, x.device), [token_map])
+            updated = self.global_to_local[level](queries, reference_points(size, x.device), [token_map], size)
             fused.append(updated.transpose(1, 2).reshape(feature_map.shape))
         return EncoderOutput([half, *fused], tokens, grid, vit_layers)

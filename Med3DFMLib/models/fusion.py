@@ -10,7 +10,7 @@ Offsets start at zero, so an untrained module samples exactly at the reference p
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,33 @@ def sample_points(values: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     grid = points.unsqueeze(3)  # (B, N, P, 1, 3) as (D_out, H_out, W_out)
     sampled = F.grid_sample(values, grid.to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False)
     return sampled.squeeze(-1)
+
+
+def sample_in_planes(values: torch.Tensor, points: torch.Tensor, grid: Sequence[int], normal: int) -> torch.Tensor:
+    """`sample_points` for queries at the voxel centres of a (d, h, w) `grid` whose points move
+    only within the plane across axis `normal` (0 = x, 1 = y, 2 = z): the same numbers, faster.
+
+    Along the normal every point of a query sits at the query's own grid coordinate, so the maps
+    are first interpolated along that axis to the grid's slices (linear, border-clamped, as
+    grid_sample does), then each slice is sampled in 2D. Bilinear after linear is trilinear, and
+    PyTorch's 2D CPU sampler is vectorised where the 3D one is not (the encoder's fusion spent
+    ~44 % of its CPU time in 3D grid_sample).
+    """
+    batch, channels = values.shape[:2]
+    count, per_query = points.shape[1:3]
+    slice_dim = 4 - normal  # tensor dim of the normal axis in (B, C, D, H, W)
+    size = list(values.shape[2:])
+    size[slice_dim - 2] = int(grid[slice_dim - 2])
+    slices = F.interpolate(values, size=size, mode="trilinear", align_corners=False)
+    row_dim, col_dim = (d for d in (2, 3, 4) if d != slice_dim)
+    slices = slices.movedim(slice_dim, 1).reshape(batch * size[slice_dim - 2], channels, values.shape[row_dim], values.shape[col_dim])
+    # queries (z, y, x) → (slice, rows, cols); 2D grid_sample wants (x = cols, y = rows)
+    in_plane = points[..., [4 - col_dim, 4 - row_dim]].reshape(batch, *(int(g) for g in grid), per_query, 2)
+    in_plane = in_plane.movedim(slice_dim - 1, 1)
+    rows, cols = in_plane.shape[2], in_plane.shape[3]
+    sampled = F.grid_sample(slices, in_plane.reshape(batch * size[slice_dim - 2], rows * cols, per_query, 2).to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = sampled.view(batch, size[slice_dim - 2], channels, rows, cols, per_query).movedim(1, slice_dim - 1 + 1)
+    return sampled.reshape(batch, channels, count, per_query)
 
 
 class CrossPlanarDeformableAttention(nn.Module):
@@ -70,8 +97,11 @@ class CrossPlanarDeformableAttention(nn.Module):
             offsets[:, :, group, :, :, b] = raw[:, :, group, :, :, 1] * scale[:, b].view(1, 1, -1, 1)
         return ref.view(1, count, 1, 1, 1, 3).to(raw.dtype) + offsets
 
-    def forward(self, queries: torch.Tensor, ref: torch.Tensor, maps: List[torch.Tensor]) -> torch.Tensor:
-        """Residual update of `queries` (B, N, Cq) located at `ref` (N, 3) from `maps` (B, C_l, d, h, w)."""
+    def forward(self, queries: torch.Tensor, ref: torch.Tensor, maps: List[torch.Tensor], grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Residual update of `queries` (B, N, Cq) located at `ref` (N, 3) from `maps` (B, C_l, d, h, w).
+
+        `grid` says the queries are the voxel centres of a (d, h, w) grid in (z, y, x) order
+        (`ref` = `reference_points(grid)`), which allows the faster per-plane sampling."""
         batch, count, _ = queries.shape
         normed = self.norm(queries)
         locations = self.sampling_locations(normed, ref, [m.shape[2:] for m in maps])
@@ -80,6 +110,13 @@ class CrossPlanarDeformableAttention(nn.Module):
         gathered = queries.new_zeros(batch, self.groups, group_dim, count, self.levels * self.points)
         for level, feature_map in enumerate(maps):
             value = self.values[level](feature_map)  # (B, dim, d, h, w)
+            if grid is not None:
+                for group, axes in enumerate(PLANE_AXES):
+                    normal = 3 - sum(axes)
+                    channels = slice(group * group_dim, (group + 1) * group_dim)
+                    sampled = sample_in_planes(value[:, channels], locations[:, :, group, level], grid, normal)
+                    gathered[:, group, :, :, level * self.points : (level + 1) * self.points] = sampled
+                continue
             value = value.reshape(batch * self.groups, group_dim, *value.shape[2:])
             points = locations[:, :, :, level].permute(0, 2, 1, 3, 4).reshape(batch * self.groups, count, self.points, 3)
             sampled = sample_points(value, points).view(batch, self.groups, group_dim, count, self.points)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from Med3DFMLib.models import VARIANTS, DualBranchEncoder, EncoderConfig, SegmentationModel, TaskQueryClassifier
-from Med3DFMLib.models.fusion import CrossPlanarDeformableAttention, reference_points, sample_points
+from Med3DFMLib.models.fusion import PLANE_AXES, CrossPlanarDeformableAttention, reference_points, sample_in_planes, sample_points
 
 SMALL = EncoderConfig(embed_dim=48, depth=2, num_heads=2, graph_channels=(8, 16, 24), graph_depths=(1, 1, 1), fusion_after=(0, 1), stem_channels=8)
 
@@ -78,6 +78,37 @@ def test_offsets_move_only_within_each_plane():
     for group, axis in fixed_axis.items():
         assert torch.all(moved[:, :, group, ..., axis] == 0)
         assert moved[:, :, group].abs().sum() > 0
+
+
+@pytest.mark.parametrize("grid, map_size", [((6, 5, 4), (3, 4, 2)), ((3, 4, 5), (7, 6, 9))])
+def test_per_plane_sampling_equals_trilinear_sampling(grid, map_size):
+    """The fast path samples the same numbers as 3D grid_sample, also past the border (clamped)."""
+    torch.manual_seed(0)
+    values = torch.randn(2, 8, *map_size)
+    ref = reference_points(grid, values.device)
+    for axes in PLANE_AXES:
+        offsets = torch.zeros(2, ref.shape[0], 4, 3)
+        offsets[..., list(axes)] = torch.randn(2, ref.shape[0], 4, 2)  # some points leave the map
+        points = ref.view(1, -1, 1, 3) + offsets
+        fast = sample_in_planes(values, points, grid, normal=3 - sum(axes))
+        assert torch.allclose(fast, sample_points(values, points), atol=1e-5)
+
+
+def test_encoder_gives_the_same_features_with_either_sampler(monkeypatch):
+    torch.manual_seed(0)
+    encoder = DualBranchEncoder(SMALL).eval()
+    for module in [*encoder.local_to_global, *encoder.global_to_local]:
+        torch.nn.init.normal_(module.offsets.weight, std=0.5)  # trained offsets are not zero
+        torch.nn.init.normal_(module.weights.weight)
+    x = torch.randn(1, 1, 32, 48, 64)
+    with torch.no_grad():
+        fast = encoder(x)
+        plain_forward = CrossPlanarDeformableAttention.forward
+        monkeypatch.setattr(CrossPlanarDeformableAttention, "forward", lambda self, q, ref, maps, grid=None: plain_forward(self, q, ref, maps))
+        plain = encoder(x)
+    for a, b in zip(fast.pyramid, plain.pyramid):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(fast.tokens, plain.tokens, atol=1e-4)
 
 
 def test_masked_patches_receive_no_visible_context():
