@@ -66,7 +66,8 @@ class DualBranchEncoder(nn.Module):
         if any(s % multiple for s in x.shape[2:]):
             raise ValueError(f"input size {tuple(x.shape[2:])} must be a multiple of {multiple}")
         tokens, grid = self.patch_embed(x)
-        tokens = apply_token_mask(tokens, token_mask, self.mask_token)
+        # A hidden patch becomes the mask token plus its position: the encoder still knows where it is.
+        tokens = apply_token_mask(tokens, token_mask, self.mask_token + self.patch_embed.position(grid))
         visible = None
         if token_mask is not None:
             visible = (~token_mask).view(x.shape[0], 1, *grid)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +61,15 @@ class PatchEmbed3d(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, dim, pos_grid, pos_grid, pos_grid))
         nn.init.trunc_normal_(self.pos, std=0.02)
 
+    def position(self, size: Sequence[int]) -> torch.Tensor:
+        """Position embeddings (1, N, dim) of a (d, h, w) token grid."""
+        pos = self.pos if tuple(self.pos.shape[2:]) == tuple(size) else F.interpolate(self.pos, size=tuple(size), mode="trilinear", align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
         grid = self.proj(x)
         size = tuple(grid.shape[2:])
-        pos = self.pos if tuple(self.pos.shape[2:]) == size else F.interpolate(self.pos, size=size, mode="trilinear", align_corners=False)
-        tokens = (grid + pos).flatten(2).transpose(1, 2)
-        return tokens, size  # type: ignore[return-value]
+        return grid.flatten(2).transpose(1, 2) + self.position(size), size  # type: ignore[return-value]
 
 
 def checkpoint_call(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:

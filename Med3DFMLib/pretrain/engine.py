@@ -165,12 +165,12 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: Optional[Pr
         generator = torch.Generator().manual_seed(((config.seed * 1_000_003) + step) * 1009 + rank)
         torch.manual_seed(((config.seed * 1_000_003) + step) * 1009 + rank)
         ratio, block = schedule.at(step / max(1, config.max_steps - 1))
-        volume = random_batch(archive, config.batch, config.window, generator, device)
+        volume, target = random_batch(archive, config.batch, config.window, generator, device)
         mask = block_masks(config.batch, grid, ratio, block, generator).to(device)
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(config, step)
         with autocast:
-            loss = train_model(volume, mask, checkpoint=config.activation_checkpointing)
+            loss = train_model(volume, mask, target, checkpoint=config.activation_checkpointing)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -223,7 +223,7 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: Optional[Pr
             "architecture": {"type": "encoder", "encoder": encoder_config.to_dict()},
             "input": {"modality": "any", "spacing": list(archive.spacing), "window": [config.window] * 3, "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5}, "orientation": "LPS"},
             "training": {
-                "method": "progressive volumetric masking + hierarchical encoder-driven decoder (masked patches only, per-patch normalised targets)",
+                "method": "progressive volumetric masking + hierarchical encoder-driven decoder (hidden patches with content only, un-noised per-patch normalised targets)",
                 "data": {"volumes": len(archive.volumes), "names": archive.names[:50], "spacing_mm": list(archive.spacing)},
                 "config": asdict(config),
                 "summary": summary,
