@@ -115,20 +115,24 @@ def probabilities_to_labels(probabilities: np.ndarray, grid: sitk.Image, referen
     """
     best_value: Optional[np.ndarray] = None
     best_label: Optional[np.ndarray] = None
+    better: Optional[np.ndarray] = None
     for label, channel in enumerate(probabilities):
         channel_image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
         channel_image.CopyInformation(grid)
         fill = 1.0 if label == 0 else 0.0
-        on_input = sitk.GetArrayFromImage(
-            sitk.Resample(channel_image, reference, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32)
-        )
+        resampled = sitk.Resample(channel_image, reference, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32)
+        on_input = sitk.GetArrayViewFromImage(resampled)  # a view: `resampled` stays alive until the next class
         if best_value is None:
-            best_value, best_label = on_input, np.zeros(on_input.shape, dtype=np.uint16)
+            best_value = np.array(on_input)
+            best_label = np.zeros(on_input.shape, dtype=np.uint8 if len(probabilities) <= 256 else np.uint16)
+            better = np.empty(on_input.shape, dtype=bool)
         else:
-            better = on_input > best_value
-            best_value[better] = on_input[better]
-            best_label[better] = label  # type: ignore[index]
+            # in place, no temporaries: on a 512×512×300 CT each boolean-indexed copy cost ~0.5 s
+            np.greater(on_input, best_value, out=better)
+            np.copyto(best_label, label, where=better)  # type: ignore[arg-type]
+            if label < len(probabilities) - 1:
+                np.copyto(best_value, on_input, where=better)  # type: ignore[arg-type]
     assert best_label is not None
-    result = sitk.GetImageFromArray(best_label.astype(np.uint8 if len(probabilities) <= 256 else np.uint16))
+    result = sitk.GetImageFromArray(best_label)
     result.CopyInformation(reference)
     return result

@@ -68,12 +68,7 @@ def write_seg_nrrd(path: PathLike, labels: sitk.Image, segments: Sequence[Segmen
         "segments": [],
     }
     for info in segments:
-        mask_index = np.nonzero(voxels == info.value)
-        extent = (
-            [int(v) for axis in mask_index for v in (axis.min(), axis.max())]
-            if mask_index[0].size
-            else [0, -1, 0, -1, 0, -1]
-        )
+        extent = _extent(voxels == info.value)
         segment: Dict[str, Any] = {
             "id": _segment_id(info.name, info.value),
             "name": info.name,
@@ -90,6 +85,20 @@ def write_seg_nrrd(path: PathLike, labels: sitk.Image, segments: Sequence[Segmen
         segmentation["segments"].append(segment)
     with atomic_path(path) as tmp:
         slicerio.write_segmentation(str(tmp), segmentation)
+
+
+def _extent(mask: np.ndarray) -> List[int]:
+    """[min, max] index per array axis of the True voxels, [0, -1] per axis when there are none.
+
+    From the mask's projections: `np.nonzero` would list every voxel (gigabytes for a large organ
+    on a 512×512×300 CT)."""
+    extent: List[int] = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if present.size == 0:
+            return [0, -1] * mask.ndim
+        extent += [int(present[0]), int(present[-1])]
+    return extent
 
 
 def _segment_id(name: str, value: int) -> str:
