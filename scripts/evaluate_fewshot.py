@@ -157,7 +157,7 @@ def normalise(array: np.ndarray) -> np.ndarray:
 class Lib:
     """The library's few-shot pieces, plus per-(volume, encoder) prepared features."""
 
-    def __init__(self, home: Path, random_seeds: Sequence[int], max_steps: int = 400) -> None:
+    def __init__(self, home: Path, random_seeds: Sequence[int], max_steps: int = 400, encoder: str = "med3dfm-encoder-small") -> None:
         import torch
 
         from Med3DFMLib.fewshot import adapt, adapter, labels
@@ -167,10 +167,12 @@ class Lib:
         self.torch, self.adapt, self.adapter, self.labels = torch, adapt, adapter, labels
         self.LabelVolume, self.SegmentInfo, self.probabilities_to_labels = LabelVolume, SegmentInfo, probabilities_to_labels
         self.device = torch.device("cpu")
-        self.encoders = {"pretrained": adapt.load_encoder("med3dfm-encoder-small")}
+        from Med3DFMLib.registry import resolve_model
+
+        self.encoders = {"pretrained": adapt.load_encoder(encoder)}
         self.random_files: Dict[int, Path] = {}
         for seed in random_seeds:
-            path = self.random_encoder(home, seed)
+            path = self.random_encoder(home, seed, resolve_model(encoder).weights)
             self.random_files[seed] = path
             self.encoders[f"random-{seed}"] = adapt.load_encoder(str(path))
         self.max_steps = max_steps  # run_adapt's default (400); lowered only by --quick
@@ -178,17 +180,17 @@ class Lib:
         self.feature_seconds: Dict[Tuple[str, str], float] = {}
 
     @staticmethod
-    def random_encoder(home: Path, seed: int) -> Path:
+    def random_encoder(home: Path, seed: int, pretrained: Path) -> Path:
+        """A randomly initialised twin of the `pretrained` encoder file: same architecture and
+        input spec (spacing, intensity rule), so only the weights differ."""
         import torch
 
-        from Med3DFMLib.models import DualBranchEncoder
-        from Med3DFMLib.models import VARIANTS  # type: ignore[attr-defined]
-        from Med3DFMLib.resources import resources_dir
+        from Med3DFMLib.models import DualBranchEncoder, EncoderConfig
         from Med3DFMLib.weights import read_weights, write_weights
 
-        _, card = read_weights(resources_dir() / "models" / "med3dfm-encoder-small.safetensors")
+        _, card = read_weights(pretrained)
         torch.manual_seed(seed)
-        module = DualBranchEncoder(VARIANTS["small"])
+        module = DualBranchEncoder(EncoderConfig.from_dict(card["architecture"]["encoder"]))
         card = dict(card, id="random-encoder", title="random-init encoder (same architecture)", training={"method": f"none: torch.manual_seed({seed}) initialisation"})
         path = home / f"random-encoder-seed{seed}.safetensors"
         write_weights(path, {k: v.half() for k, v in module.state_dict().items()}, card)
@@ -859,7 +861,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "U-Net: MONAI BasicUNet, features (16, 16, 32, 64, 128, 16), AdamW 3e-3, batch 2 patches of up to 16 slices × 96 × 96 (centred on a labelled foreground voxel half of the time), cross-entropy + soft Dice over labelled voxels only, no augmentation; trained for exactly the adapter's adapt wall time, inferred with a sliding window. On 2 shared CPU cores that budget is only tens to a few hundred steps: this measures what a from-scratch U-Net reaches in the time our adapter needs, not what it reaches given hours.",
         "Random walker: skimage random_walker(beta=130, mode='cg_j', tol=1e-3, voxel spacing honoured) on percentile-normalised intensities; labelled voxels are seeds (structure and background); unlabelled slices are free.",
         "Adapter and prototype runs reproduce run_adapt's steps in-process (same _split, probe + final training, predict_dense, probabilities_to_labels) so that features are computed once per volume and encoder; adapt time counts those cold features once per run, as a first `med3dfm adapt` on a new volume pays them (later adapts on the same volume hit the feature cache and take only the training time).",
-        "Timings are wall-clock on a 2-core machine shared with other jobs; treat them as indicative (±30 %).",
+        f"Timings are wall-clock on {platform.machine()} with {os.cpu_count()} CPUs and {torch.get_num_threads()} torch threads; other jobs on the machine slow them down, so treat them as indicative (±30 %) and compare methods within one run.",
     ]
     skipped = [t.name for t in within_tasks(False, 3) if t.name not in {x.name for x in tasks}]
     if skipped and not quick:
