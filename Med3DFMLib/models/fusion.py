@@ -2,9 +2,10 @@
 
 A query (a ViT token or a graph node) has a reference point in the window. It samples the other
 branch's feature maps at a few learned offsets around that point, with trilinear interpolation
-(`F.grid_sample` on 5-D tensors), and mixes the samples with learned weights. Channels are split
-into three groups whose offsets are confined to one anatomical plane each (axial: x-y, coronal:
-x-z, sagittal: y-z), so every query gathers context along all three planes radiologists read in.
+(per plane: linear along the plane's normal, then 2D `F.grid_sample`), and mixes the samples with
+learned weights. Channels are split into three groups whose offsets are confined to one anatomical
+plane each (axial: x-y, coronal: x-z, sagittal: y-z), so every query gathers context along all
+three planes radiologists read in.
 Offsets start at zero, so an untrained module samples exactly at the reference points.
 """
 
@@ -57,7 +58,7 @@ def sample_in_planes(values: torch.Tensor, points: torch.Tensor, grid: Sequence[
     in_plane = in_plane.movedim(slice_dim - 1, 1)
     rows, cols = in_plane.shape[2], in_plane.shape[3]
     sampled = F.grid_sample(slices, in_plane.reshape(batch * size[slice_dim - 2], rows * cols, per_query, 2).to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-    sampled = sampled.view(batch, size[slice_dim - 2], channels, rows, cols, per_query).movedim(1, slice_dim - 1 + 1)
+    sampled = sampled.view(batch, size[slice_dim - 2], channels, rows, cols, per_query).movedim(1, slice_dim)
     return sampled.reshape(batch, channels, count, per_query)
 
 
