@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from Med3DFMLib.io.atomic import atomic_path  # noqa: E402
 from Med3DFMLib.pretrain.data import Archive, random_batch  # noqa: E402
-from Med3DFMLib.pretrain.decoder import patchify, reconstruction_targets  # noqa: E402
+from Med3DFMLib.pretrain.decoder import masked_mse, patchify, reconstruction_targets  # noqa: E402
 from Med3DFMLib.pretrain.masking import block_masks  # noqa: E402
 
 PATCH = 16
@@ -63,11 +63,6 @@ def oracle(normalised: torch.Tensor, values_per_axis: int) -> torch.Tensor:
     block = PATCH // values_per_axis
     coarse = F.interpolate(F.avg_pool3d(cubes, block), scale_factor=block, mode="nearest")
     return coarse.reshape(batch, count, -1)
-
-
-def scored_mse(prediction: torch.Tensor, target: torch.Tensor, scored: torch.Tensor) -> float:
-    error = ((prediction - target) ** 2).mean(-1)
-    return float((error * scored).sum() / scored.sum().clamp(min=1))
 
 
 def padding_share(archive: Archive, probabilities: np.ndarray, window: int) -> Dict[str, float]:
@@ -102,8 +97,8 @@ def main(argv: List[str] | None = None) -> int:
             found[name].append({
                 "hidden_flat_share": float((mask & ~content).sum() / mask.sum()),
                 "scored": float(scored.sum()),
-                "zero": scored_mse(torch.zeros_like(target), target, scored),
-                **{f"oracle_{n}": scored_mse(oracle(target, n), target, scored) for n in (2, 4, 8)},
+                "zero": float(masked_mse(torch.zeros_like(target), target, scored)),
+                **{f"oracle_{n}": float(masked_mse(oracle(target, n), target, scored)) for n in (2, 4, 8)},
             })
     for name, batches in found.items():
         weight = np.array([r["scored"] for r in batches])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from Med3DFMLib.models.config import EncoderConfig
-from Med3DFMLib.models.fusion import CrossPlanarDeformableAttention, reference_points
+from Med3DFMLib.models.fusion import CrossPlanarDeformableAttention
 from Med3DFMLib.models.graph import GraphBranch, Stem
 from Med3DFMLib.models.vit import PatchEmbed3d, TransformerBlock, apply_token_mask, checkpoint_call
 
@@ -77,13 +77,12 @@ class DualBranchEncoder(nn.Module):
             half = half * F.interpolate(visible.to(half.dtype), size=half.shape[2:], mode="nearest")
         graph_maps = self.graph(quarter, visible, checkpoint=checkpoint)
 
-        token_ref = reference_points(grid, x.device)
         fusion_index = {layer: i for i, layer in enumerate(self.config.fusion_after)}
         vit_layers: List[torch.Tensor] = []
         for layer, block in enumerate(self.blocks):
             tokens = checkpoint_call(block, tokens) if checkpoint and self.training else block(tokens)
             if layer in fusion_index:
-                tokens = self.local_to_global[fusion_index[layer]](tokens, token_ref, graph_maps, grid)
+                tokens = self.local_to_global[fusion_index[layer]](tokens, grid, graph_maps)
             vit_layers.append(tokens)
         tokens = self.norm(tokens)
 
@@ -93,6 +92,6 @@ class DualBranchEncoder(nn.Module):
         for level, feature_map in enumerate(graph_maps):
             size = feature_map.shape[2:]
             queries = feature_map.flatten(2).transpose(1, 2)
-            updated = self.global_to_local[level](queries, reference_points(size, x.device), [token_map], size)
+            updated = self.global_to_local[level](queries, size, [token_map])
             fused.append(updated.transpose(1, 2).reshape(feature_map.shape))
         return EncoderOutput([half, *fused], tokens, grid, vit_layers)

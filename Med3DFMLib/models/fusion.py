@@ -11,7 +11,7 @@ Offsets start at zero, so an untrained module samples exactly at the reference p
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +28,10 @@ def reference_points(size: Sequence[int], device: torch.device, dtype: torch.dty
     return torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
 
 
-def sample_points(values: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples of `values` (B, C, d, h, w) at `points` (B, N, P, 3) → (B, C, N, P)."""
-    grid = points.unsqueeze(3)  # (B, N, P, 1, 3) as (D_out, H_out, W_out)
-    sampled = F.grid_sample(values, grid.to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-    return sampled.squeeze(-1)
-
-
 def sample_in_planes(values: torch.Tensor, points: torch.Tensor, grid: Sequence[int], normal: int) -> torch.Tensor:
-    """`sample_points` for queries at the voxel centres of a (d, h, w) `grid` whose points move
-    only within the plane across axis `normal` (0 = x, 1 = y, 2 = z): the same numbers, faster.
+    """Trilinear samples (B, C, N, P) of `values` (B, C, d, h, w) at `points` (B, N, P, 3), for
+    queries at the voxel centres of a (d, h, w) `grid` whose points move only within the plane
+    across axis `normal` (0 = x, 1 = y, 2 = z): the numbers 3D `grid_sample` gives, faster.
 
     Along the normal every point of a query sits at the query's own grid coordinate, so the maps
     are first interpolated along that axis to the grid's slices (linear, border-clamped, as
@@ -98,30 +92,21 @@ class CrossPlanarDeformableAttention(nn.Module):
             offsets[:, :, group, :, :, b] = raw[:, :, group, :, :, 1] * scale[:, b].view(1, 1, -1, 1)
         return ref.view(1, count, 1, 1, 1, 3).to(raw.dtype) + offsets
 
-    def forward(self, queries: torch.Tensor, ref: torch.Tensor, maps: List[torch.Tensor], grid: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Residual update of `queries` (B, N, Cq) located at `ref` (N, 3) from `maps` (B, C_l, d, h, w).
-
-        `grid` says the queries are the voxel centres of a (d, h, w) grid in (z, y, x) order
-        (`ref` = `reference_points(grid)`), which allows the faster per-plane sampling."""
+    def forward(self, queries: torch.Tensor, grid: Sequence[int], maps: List[torch.Tensor]) -> torch.Tensor:
+        """Residual update of `queries` (B, N, Cq), the voxel centres of a (d, h, w) `grid` in
+        (z, y, x) order, from `maps` (B, C_l, d, h, w) of the other branch."""
         batch, count, _ = queries.shape
         normed = self.norm(queries)
-        locations = self.sampling_locations(normed, ref, [m.shape[2:] for m in maps])
+        locations = self.sampling_locations(normed, reference_points(grid, queries.device), [m.shape[2:] for m in maps])
         weights = self.weights(normed).view(batch, count, self.groups, self.levels * self.points).softmax(-1)
         group_dim = self.dim // self.groups
         gathered = queries.new_zeros(batch, self.groups, group_dim, count, self.levels * self.points)
         for level, feature_map in enumerate(maps):
             value = self.values[level](feature_map)  # (B, dim, d, h, w)
-            if grid is not None:
-                for group, axes in enumerate(PLANE_AXES):
-                    normal = 3 - sum(axes)
-                    channels = slice(group * group_dim, (group + 1) * group_dim)
-                    sampled = sample_in_planes(value[:, channels], locations[:, :, group, level], grid, normal)
-                    gathered[:, group, :, :, level * self.points : (level + 1) * self.points] = sampled
-                continue
-            value = value.reshape(batch * self.groups, group_dim, *value.shape[2:])
-            points = locations[:, :, :, level].permute(0, 2, 1, 3, 4).reshape(batch * self.groups, count, self.points, 3)
-            sampled = sample_points(value, points).view(batch, self.groups, group_dim, count, self.points)
-            gathered[..., level * self.points : (level + 1) * self.points] = sampled
+            for group, axes in enumerate(PLANE_AXES):
+                channels = slice(group * group_dim, (group + 1) * group_dim)
+                sampled = sample_in_planes(value[:, channels], locations[:, :, group, level], grid, normal=3 - sum(axes))
+                gathered[:, group, :, :, level * self.points : (level + 1) * self.points] = sampled
         mixed = (gathered * weights.permute(0, 2, 1, 3).unsqueeze(2)).sum(-1)  # (B, G, gd, N)
         mixed = mixed.reshape(batch, self.dim, count).transpose(1, 2)
         return queries + self.out(mixed)
