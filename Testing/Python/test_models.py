@@ -99,7 +99,12 @@ def test_per_plane_sampling_equals_trilinear_sampling(grid, map_size):
         offsets[..., list(axes)] = torch.randn(2, ref.shape[0], 4, 2)  # some points leave the map
         points = ref.view(1, -1, 1, 3) + offsets
         fast = sample_in_planes(values, points, grid, normal=3 - sum(axes))
-        assert torch.allclose(fast, sample_points(values, points), atol=1e-5)
+        reference = sample_points(values, points)
+        assert torch.allclose(fast, reference, atol=1e-5)
+        # the weighted sum over each query's points, taken inside the sampler
+        weights = torch.rand(2, ref.shape[0], 4)
+        mixed = sample_in_planes(values, points, grid, normal=3 - sum(axes), weights=weights)
+        assert torch.allclose(mixed, (reference * weights.unsqueeze(1)).sum(-1), atol=1e-5)
 
 
 def test_encoder_gives_the_same_features_with_either_sampler(monkeypatch):
@@ -111,7 +116,7 @@ def test_encoder_gives_the_same_features_with_either_sampler(monkeypatch):
     x = torch.randn(1, 1, 32, 48, 64)
     with torch.no_grad():
         fast = encoder(x)
-        monkeypatch.setattr(fusion, "sample_in_planes", lambda values, points, grid, normal: sample_points(values, points))
+        monkeypatch.setattr(fusion, "sample_in_planes", lambda values, points, grid, normal, weights: (sample_points(values, points) * weights.unsqueeze(1)).sum(-1))
         plain = encoder(x)
     for a, b in zip(fast.pyramid, plain.pyramid):
         assert torch.allclose(a, b, atol=1e-4)
