@@ -157,7 +157,7 @@ def normalise(array: np.ndarray) -> np.ndarray:
 class Lib:
     """The library's few-shot pieces, plus per-(volume, encoder) prepared features."""
 
-    def __init__(self, home: Path, random_seeds: Sequence[int], max_steps: int = 400, encoder: str = "med3dfm-encoder-small") -> None:
+    def __init__(self, home: Path, random_seeds: Sequence[int], max_steps: int = 400, encoder: str = "med3dfm-encoder-small", label: str = "pretrained") -> None:
         import torch
 
         from Med3DFMLib.fewshot import adapt, adapter, labels
@@ -169,13 +169,14 @@ class Lib:
         self.device = torch.device("cpu")
         from Med3DFMLib.registry import resolve_model
 
-        self.encoders = {"pretrained": adapt.load_encoder(encoder)}
+        self.encoders = {label: adapt.load_encoder(encoder)}
         self.random_files: Dict[int, Path] = {}
         for seed in random_seeds:
             path = self.random_encoder(home, seed, resolve_model(encoder).weights)
             self.random_files[seed] = path
             self.encoders[f"random-{seed}"] = adapt.load_encoder(str(path))
         self.max_steps = max_steps  # run_adapt's default (400); lowered only by --quick
+        self.feature_window = adapt.FEATURE_WINDOW
         self.prepared: Dict[Tuple[str, str], Any] = {}
         self.feature_seconds: Dict[Tuple[str, str], float] = {}
 
@@ -202,7 +203,7 @@ class Lib:
         if key not in self.prepared:
             encoder = self.encoders[encoder_key]
             tick = time.perf_counter()
-            self.prepared[key] = self.adapt.prepare_volume(image, encoder, encoder.spec, self.device)
+            self.prepared[key] = self.adapt.prepare_volume(image, encoder, encoder.spec, self.device, window=self.feature_window)
             self.feature_seconds[key] = time.perf_counter() - tick
         return self.prepared[key], self.feature_seconds[key]
 

@@ -66,9 +66,10 @@ class PreparedVolume:
     cache_hit: bool
 
 
-def prepare_volume(image: sitk.Image, encoder: Encoder, spec: InputSpec, device: torch.device, progress: Optional[Progress] = None) -> PreparedVolume:
+def prepare_volume(image: sitk.Image, encoder: Encoder, spec: InputSpec, device: torch.device, progress: Optional[Progress] = None, window: int = FEATURE_WINDOW) -> PreparedVolume:
+    """The scan on the encoder's grid and its features (`window`: the encoder's window; diagnostics vary it)."""
     array, grid = to_model_input(image, spec)
-    features, hit = cached_features(encoder.module, encoder.sha256, array, FEATURE_WINDOW, device, progress)
+    features, hit = cached_features(encoder.module, encoder.sha256, array, window, device, progress)
     padded = np.full(features.padded, float(array.min()), dtype=np.float32)
     padded[tuple(slice(0, s) for s in array.shape)] = array
     return PreparedVolume(image, grid, array, features, torch.from_numpy(padded), hit)

@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -114,9 +114,15 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimiser: torch.optim
     return target
 
 
-def latest_checkpoint(folder: Path) -> Optional[Path]:
+def checkpoints_of(folder: Path) -> List[Tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
     found = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
-    return found[-1] if found else None
+    return [(int(p.name.split("_")[1]), p) for p in found]
+
+
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    found = checkpoints_of(folder)
+    return found[-1][1] if found else None
 
 
 def pretrain(config: PretrainConfig, resume: bool = False, progress: Optional[Progress] = None) -> Dict[str, Any]:

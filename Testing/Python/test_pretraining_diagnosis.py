@@ -1,5 +1,7 @@
-"""scripts/diagnose_pretraining.py on one real hippocampus crop: every feature set runs for both
-encoders, the zeroed levels really are zero, and the report is written."""
+"""scripts/diagnose_pretraining.py on one real hippocampus crop: every feature set and adapter mode
+runs for the tested encoders and the random-init ones, the zeroed levels really are zero, a
+pretraining run's checkpoints become encoders with the checkpoint's weights, and the report is
+written."""
 
 from __future__ import annotations
 
@@ -23,13 +25,72 @@ def test_feature_levels_are_zeroed_and_every_set_runs(tmp_path):
     deep = diagnosis.keep_levels(VolumeFeatures(maps, (6, 6, 6), (16, 16, 16)), diagnosis.FEATURE_SETS["deep"])
     assert all(float(deep.maps[s].abs().sum()) == 0 for s in (2, 4)) and torch.equal(deep.maps[16], maps[16])
     assert float(maps[2].sum()) > 0  # the original is untouched
+    none = diagnosis.keep_levels(VolumeFeatures(maps, (6, 6, 6), (16, 16, 16)), diagnosis.FEATURE_SETS["intensity"])
+    assert all(float(none.maps[s].abs().sum()) == 0 for s in maps)
 
-    assert diagnosis.main(["--structures", "hippocampus crop", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    assert diagnosis.main(["--structures", "hippocampus crop", "--seeds", "1", "--feature-sets", ",".join(diagnosis.FEATURE_SETS), "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "pretraining_diagnosis.json").read_text())
     runs = payload["runs"]
-    assert {(r["encoder"], r["features"]) for r in runs} == {(e, f) for e in ("pretrained", "random-init") for f in diagnosis.FEATURE_SETS}
+    # intensity only is the same input whatever the encoder: it runs once per seed, over random-init
+    expected = {(e, f) for e in ("bundled", "random-init") for f in diagnosis.FEATURE_SETS} - {("bundled", "intensity")}
+    assert {(r["encoder"], r["features"]) for r in runs} == expected
     assert all(r["dice"] is not None and 0.0 <= r["dice"] <= 1.0 for r in runs)
-    # the structure is learned from the painted slices with every feature set
-    assert np.mean([r["dice"] for r in runs if r["features"] == "all"]) > 0.3
+    # the structure is learned from the painted slices with every encoder feature set, and the
+    # encoder's features add to what the intensity alone gives
+    for features in ("all", "deep", "shallow"):
+        assert np.mean([r["dice"] for r in runs if r["features"] == features]) > 0.3
+    assert np.mean([r["dice"] for r in runs if r["features"] == "all"]) > np.mean([r["dice"] for r in runs if r["features"] == "intensity"])
+    ranks = payload["ranks"]["hippocampus crop 006"]
+    assert set(ranks) == {"bundled", "random-0"} and all(1.0 <= ranks["bundled"][str(s)] for s in (2, 4, 8, 16))
     report = (tmp_path / "pretraining_diagnosis.md").read_text()
-    assert "| hippocampus crop" in report and "Mean difference" in report
+    assert "| hippocampus crop" in report and "Mean difference" in report and "Effective rank" in report
+
+
+def test_checkpoints_of_a_run_are_tested_as_encoders(tmp_path):
+    """A tiny real pretraining run (2 steps, a checkpoint each), then the diagnosis over its
+    checkpoints with both adapter modes."""
+    import torch
+    from safetensors.torch import load_file
+
+    import diagnose_pretraining as diagnosis
+    from Med3DFMLib.models import VARIANTS
+    from Med3DFMLib.pretrain.data import build_archive
+    from Med3DFMLib.pretrain.engine import PretrainConfig, checkpoints_of, pretrain
+    from Med3DFMLib.weights import read_weights
+
+    archive = tmp_path / "archive.npz"
+    build_archive([ROOT / "Testing" / "Data" / "hippocampus"], archive, (1.5, 1.5, 1.5))
+    run = tmp_path / "run"
+    pretrain(PretrainConfig(archive=str(archive), output=str(run), encoder=VARIANTS["tiny"].to_dict(), window=32, batch=1, max_steps=2,
+                            checkpoint_every=1, decoder_dim=32, decoder_depth=2, warmup_steps=1))
+    assert [step for step, _ in checkpoints_of(run / "checkpoints")] == [1, 2]
+
+    exported = diagnosis.export_checkpoints(run, tmp_path)
+    assert list(exported) == ["step 1", "step 2"]
+    tensors, card = read_weights(exported["step 1"])
+    state = load_file(str(run / "checkpoints" / "step_0000001" / "model.safetensors"))
+    assert all(torch.equal(tensors[name], state[f"encoder.{name}"].half()) for name in tensors)
+    assert card["task"] == "encoder" and card["training"]["checkpoint_step"] == 1
+    assert not all(torch.equal(tensors[n], read_weights(exported["step 2"])[0][n]) for n in tensors)
+
+    out = tmp_path / "report"
+    assert diagnosis.main(["--structures", "hippocampus crop", "--seeds", "1", "--checkpoints", str(run), "--modes", "adapter,prototype", "--out", str(out)]) == 0
+    payload = json.loads((out / "pretraining_diagnosis.json").read_text())
+    assert {(r["encoder"], r["mode"]) for r in payload["runs"]} == {(e, m) for e in ("step 1", "step 2", "random-init") for m in ("adapter", "prototype")}
+    assert set(payload["summary"]["gaps"]) == {f"step {s} | {m} | all" for s in (1, 2) for m in ("adapter", "prototype")}
+    assert "## prototype, features: all" in (out / "pretraining_diagnosis.md").read_text()
+
+
+def test_across_patients_rows(tmp_path):
+    """--across: adapters learn the hippocampus from labelled crops and are scored on other
+    patients' crops, over the tested encoder and a random-init one."""
+    import diagnose_pretraining as diagnosis
+
+    assert diagnosis.main(["--structures", "", "--across", "2", "--test-cases", "3", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "pretraining_diagnosis.json").read_text())
+    runs = payload["runs"]
+    assert {r["encoder"] for r in runs} == {"bundled", "random-init"} and {r["task"] for r in runs} == {"hippocampus across patients (n = 2)"}
+    train, test = set(runs[0]["train_cases"]), set(runs[0]["test_cases"])
+    assert len(train) == 2 and len(test) == 3 and not train & test  # scored on other patients
+    assert all(r["dice"] > 0.2 for r in runs), runs
+    assert "| hippocampus across patients (n = 2)" in (tmp_path / "pretraining_diagnosis.md").read_text()
