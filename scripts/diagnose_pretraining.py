@@ -13,6 +13,11 @@ encoders of the same architecture (a different one per seed), and scored. What c
 - `--modes`: the trained MLP adapter and/or the training-free prototype adapter (cosine similarity).
 - `--checkpoints RUN`: every checkpoint of a `med3dfm pretrain` run becomes a tested encoder
   ("step N"), which shows whether few-shot Dice moves with pretraining progress at all.
+- `--encoder LABEL=SEGMENTATION_MODEL`: the encoder half of a segmentation model trained with labels
+  (e.g. `hippocampus-mr-demo`), given the bundled encoder's input spec: shows whether the test can
+  tell features learned with labels from random ones at all.
+- `--across N`: also learn the hippocampus from N densely labelled crops and score on other
+  patients' crops (the "Learn from labels" use).
 - `--feature-window`: the window the encoder runs on (the product's is 128³); an encoder pretrained
   on smaller crops can be tested at its own crop size.
 
@@ -100,6 +105,24 @@ def export_checkpoints(run: Path, folder: Path) -> Dict[str, Path]:
     return exported
 
 
+def encoder_of_segmenter(source: str, folder: Path, template: str = "med3dfm-encoder-small") -> Path:
+    """The encoder half of a segmentation model (trained with labels), as an encoder file with the
+    `template` encoder's card (same input spec), so that only the weights differ: a reference for
+    what features learned with labels give."""
+    from Med3DFMLib.registry import resolve_model
+    from Med3DFMLib.weights import read_weights, write_weights
+
+    tensors, card = read_weights(resolve_model(source).weights)
+    _, template_card = read_weights(resolve_model(template).weights)
+    if card["architecture"]["encoder"] != template_card["architecture"]["encoder"]:
+        raise SystemExit(f"{source}: its encoder's architecture differs from {template}'s")
+    path = folder / f"{card.get('id', 'segmenter')}-encoder.safetensors"
+    encoder = {k[len("encoder.") :]: v.half() for k, v in tensors.items() if k.startswith("encoder.")}
+    write_weights(path, encoder, dict(template_card, id=f"{card.get('id')}-encoder", title=f"encoder half of {card.get('id')} (trained with labels)",
+                                      training={"method": f"the encoder of the segmentation model {card.get('id')}: {card.get('training', {}).get('method', '')}"}))
+    return path
+
+
 def run(structures: Sequence[str], seeds: Sequence[int], k: int, log: Callable[[str], None], encoders: Dict[str, str],
         feature_sets: Dict[str, Sequence[int]] = FEATURE_SETS, modes: Sequence[str] = ("adapter",), feature_window: int = 0,
         across: int = 0, test_cases: int = 10) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, Dict[int, float]]]]:
@@ -137,6 +160,8 @@ def run(structures: Sequence[str], seeds: Sequence[int], k: int, log: Callable[[
                     continue  # intensity only: the same inputs whatever the encoder, run once per seed
                 volume.features = keep_levels(full, strides)
                 for mode in modes:
+                    if not strides and mode == "prototype":
+                        continue  # cosine similarity of one standardised value is only its sign
                     for seed in [int(encoder_key.split("-")[1])] if encoder == RANDOM else seeds:
                         tick = time.perf_counter()
                         model, _, detail = lib.fit(mode, [image], [task.image], [supervision], encoder_key, seed)
@@ -220,16 +245,20 @@ def write_report(out: Path, payload: Dict[str, Any]) -> None:
         "",
     ]
     for mode in payload["modes"]:
-        for fs in payload["feature_sets"]:
-            levels = ", ".join(f"stride {s}" for s in FEATURE_SETS[fs]) or "none: intensity only"
+        # the intensity-only floor is a column of the other tables (adapter mode only)
+        floor = mode == "adapter" and "intensity" in payload["feature_sets"]
+        for fs in [f for f in payload["feature_sets"] if FEATURE_SETS[f]]:
+            levels = ", ".join(f"stride {s}" for s in FEATURE_SETS[fs])
             lines += [f"## {mode}, features: {fs} ({levels})", "",
-                      "| structure | random-init | " + " | ".join(f"{e} (difference)" for e in encoders) + " |",
-                      "|---|---:|" + "---:|" * len(encoders)]
+                      "| structure |" + (" intensity only |" if floor else "") + " random-init | " + " | ".join(f"{e} (difference)" for e in encoders) + " |",
+                      "|---|" + ("---:|" if floor else "") + "---:|" + "---:|" * len(encoders)]
             for task, modes in summary["means"].items():
                 cell = modes.get(mode, {}).get(fs, {})
                 rnd = cell.get(RANDOM)
                 entries = [f"{cell[e]:.3f} ({cell[e] - rnd:+.3f})" if e in cell and rnd is not None else "" for e in encoders]
-                lines.append(f"| {task} | {'' if rnd is None else f'{rnd:.3f}'} | " + " | ".join(entries) + " |")
+                intensity = modes.get(mode, {}).get("intensity", {}).get(RANDOM)
+                first = (f" {'' if intensity is None else f'{intensity:.3f}'} |" if floor else "")
+                lines.append(f"| {task} |{first} {'' if rnd is None else f'{rnd:.3f}'} | " + " | ".join(entries) + " |")
             lines += ["", "Mean difference to random-init over the structures; structures above +0.02 / below −0.02:", ""]
             for e in encoders:
                 gap = summary["gaps"].get(f"{e} | {mode} | {fs}")
@@ -244,6 +273,12 @@ def write_report(out: Path, payload: Dict[str, Any]) -> None:
         if values:
             lines.append(f"| {e} | " + " | ".join(f"{np.mean([v[str(s)] if str(s) in v else v[s] for v in values]):.2f}" for s in (2, 4, 8, 16)) + " |")
     (out / "pretraining_diagnosis.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def card_task(source: str) -> str:
+    from Med3DFMLib.registry import resolve_model
+
+    return str(resolve_model(source).card.get("task"))
 
 
 def parse_encoders(values: Sequence[str]) -> Dict[str, str]:
@@ -277,12 +312,17 @@ def main(argv: Sequence[str] = None) -> int:  # type: ignore[assignment]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     seeds = list(range(args.seeds))
-    encoders = parse_encoders(args.encoder)
+    sources = parse_encoders(args.encoder)  # as given, for the report
+    encoders = dict(sources)  # what is loaded
+    for label, source in sources.items():
+        if card_task(source) == "segment":
+            encoders[label] = str(encoder_of_segmenter(source, Path(tempfile.mkdtemp(prefix="med3dfm_seg_"))))
     if args.checkpoints is not None:
         exported = export_checkpoints(args.checkpoints, Path(tempfile.mkdtemp(prefix="med3dfm_ckpt_")))
         encoders.update({label: str(path) for label, path in exported.items()})
+        sources.update({label: f"{args.checkpoints}/checkpoints/step_{int(label.split()[1]):07d}" for label in exported})
     if not encoders:
-        encoders = {"bundled": "med3dfm-encoder-small"}
+        encoders = sources = {"bundled": "med3dfm-encoder-small"}
     feature_sets = {name: FEATURE_SETS[name] for name in (n.strip() for n in args.feature_sets.split(",")) if name}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes):
@@ -290,7 +330,7 @@ def main(argv: Sequence[str] = None) -> int:  # type: ignore[assignment]
     window = args.feature_window or adapt.FEATURE_WINDOW
     rows, ranks = run([s.strip() for s in args.structures.split(",") if s.strip()], seeds, args.k, lambda m: print(f"[{time.perf_counter() - started:7.1f}s] {m}", flush=True),
                       encoders, feature_sets, modes, window, args.across, args.test_cases)
-    payload = {"machine": f"{platform.machine()} {args.threads} torch threads", "k": args.k, "seeds": seeds, "encoders": encoders, "modes": modes,
+    payload = {"machine": f"{platform.machine()} {args.threads} torch threads", "k": args.k, "seeds": seeds, "encoders": sources, "modes": modes,
                "feature_sets": list(feature_sets), "feature_window": window, "wall_s": round(time.perf_counter() - started, 1), "runs": rows,
                "ranks": ranks, "summary": summarise(rows)}
     args.out.mkdir(parents=True, exist_ok=True)

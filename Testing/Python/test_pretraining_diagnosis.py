@@ -94,3 +94,22 @@ def test_across_patients_rows(tmp_path):
     assert len(train) == 2 and len(test) == 3 and not train & test  # scored on other patients
     assert all(r["dice"] > 0.2 for r in runs), runs
     assert "| hippocampus across patients (n = 2)" in (tmp_path / "pretraining_diagnosis.md").read_text()
+
+
+def test_encoder_half_of_a_segmentation_model(tmp_path):
+    """The reference encoder trained with labels: the segmentation model's own encoder weights,
+    with the bundled encoder's card (input spec), so only the weights differ."""
+    import torch
+
+    import diagnose_pretraining as diagnosis
+    from Med3DFMLib.registry import resolve_model
+    from Med3DFMLib.weights import read_weights
+
+    assert diagnosis.card_task("hippocampus-mr-demo") == "segment" and diagnosis.card_task("med3dfm-encoder-small") == "encoder"
+    path = diagnosis.encoder_of_segmenter("hippocampus-mr-demo", tmp_path)
+    tensors, card = read_weights(path)
+    model, _ = read_weights(resolve_model("hippocampus-mr-demo").weights)
+    _, bundled = read_weights(resolve_model("med3dfm-encoder-small").weights)
+    assert set(tensors) == {k[len("encoder."):] for k in model if k.startswith("encoder.")}
+    assert all(torch.equal(tensors[k], model[f"encoder.{k}"].half()) for k in tensors)
+    assert card["task"] == "encoder" and card["input"] == bundled["input"] and "hippocampus-mr-demo" in card["training"]["method"]
