@@ -16,8 +16,9 @@ encoders of the same architecture (a different one per seed), and scored. What c
 - `--encoder LABEL=SEGMENTATION_MODEL`: the encoder half of a segmentation model trained with labels
   (e.g. `hippocampus-mr-demo`), given the bundled encoder's input spec: shows whether the test can
   tell features learned with labels from random ones at all.
-- `--across N`: also learn the hippocampus from N densely labelled crops and score on other
-  patients' crops (the "Learn from labels" use).
+- `--across N[,N...]`: also learn the hippocampus from N densely labelled crops and score on other
+  patients' crops (the "Learn from labels" use); several N give a label-efficiency table (paired
+  differences to the random-init encoder of the same seed, which also draws the same crops).
 - `--feature-window`: the window the encoder runs on (the product's is 128³); an encoder pretrained
   on smaller crops can be tested at its own crop size.
 
@@ -28,6 +29,7 @@ the features really vary in.
 Writes <out>/pretraining_diagnosis.md and .json. Usage:
     python scripts/diagnose_pretraining.py [--encoder LABEL=FILE_OR_ID ...] [--checkpoints RUN]
         [--modes adapter,prototype] [--feature-sets all,deep,shallow] [--seeds 2] [--structures ...]
+        [--across 1,3,10 --test-cases 20]
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def encoder_of_segmenter(source: str, folder: Path, template: str = "med3dfm-enc
 
 def run(structures: Sequence[str], seeds: Sequence[int], k: int, log: Callable[[str], None], encoders: Dict[str, str],
         feature_sets: Dict[str, Sequence[int]] = FEATURE_SETS, modes: Sequence[str] = ("adapter",), feature_window: int = 0,
-        across: int = 0, test_cases: int = 10) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, Dict[int, float]]]]:
+        across: Sequence[int] = (), test_cases: int = 10) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, Dict[int, float]]]]:
     """Rows of (structure, encoder, mode, feature set, seed, Dice) and effective ranks per (structure,
     encoder); with `across`, the across-patients rows too (see `run_across`)."""
     import SimpleITK as sitk
@@ -173,8 +175,8 @@ def run(structures: Sequence[str], seeds: Sequence[int], k: int, log: Callable[[
                         log(f"{task.name:20s} {encoder:12s} {mode:9s} {name:8s} seed={seed} dice={row['dice']}")
             volume.features = full
         lib.forget(task.image)
-    if across:
-        rows += run_across(lib, labels_, across, seeds, test_cases, modes, log)
+    for n in across:
+        rows += run_across(lib, labels_, n, seeds, test_cases, modes, log)
     return rows, ranks
 
 
@@ -207,10 +209,15 @@ def run_across(lib: Any, labels_: Sequence[str], n: int, seeds: Sequence[int], t
                 for name, (image, truth) in tests.items():
                     predicted, _ = lib.segment(model, folder / "images" / name, image, encoder_key)
                     scores.append(float(np.mean([fewshot.dice(predicted == c, truth == c) or 0.0 for c in (1, 2)])))
-                row = {"task": task, "k": None, "encoder": encoder, "encoder_key": encoder_key, "mode": mode, "features": "all", "seed": seed,
+                row = {"task": task, "k": None, "labelled_crops": n, "encoder": encoder, "encoder_key": encoder_key, "mode": mode, "features": "all", "seed": seed,
                        "dice": round(float(np.mean(scores)), 4), "best_step": detail.get("best_step"), "train_cases": names, "test_cases": chosen}
                 rows.append(row)
                 log(f"{task:20s} {encoder:12s} {mode:9s} seed={seed} dice={row['dice']}")
+        # a seed's training crops and random-init encoder are not used again; only the test crops'
+        # features over the tested encoders are worth keeping (every (crop, encoder) holds a pyramid)
+        for name in names:
+            lib.forget(folder / "images" / name)
+        lib.forget(encoder_key=f"random-{seed}")
     return rows
 
 
@@ -229,8 +236,29 @@ def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                 for encoder, value in encs.items():
                     if encoder != RANDOM and RANDOM in encs:
                         gaps.setdefault(f"{encoder} | {mode} | {fs}", []).append(value - encs[RANDOM])
-    return {"means": means, "tasks": len(means),
+    return {"means": means, "tasks": len(means), "label_efficiency": label_efficiency(rows),
             "gaps": {key: {"mean": round(float(np.mean(g)), 4), "better": int(sum(x > 0.02 for x in g)), "worse": int(sum(x < -0.02 for x in g)), "of": len(g)} for key, g in gaps.items()}}
+
+
+def label_efficiency(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Across patients, per (encoder, mode, number of labelled crops): mean Dice and the paired
+    difference to the random-init encoder of the same seed (same training crops), with its
+    standard error over seeds and how many seeds the encoder wins."""
+    by_key: Dict[Tuple[str, str, int], Dict[int, float]] = {}
+    for row in rows:
+        if row.get("labelled_crops") is not None:
+            by_key.setdefault((row["encoder"], row["mode"], row["labelled_crops"]), {})[row["seed"]] = row["dice"]
+    table = []
+    for (encoder, mode, n), dice in sorted(by_key.items(), key=lambda item: (item[0][1], item[0][2], item[0][0] == RANDOM, item[0][0])):
+        random_dice = by_key.get((RANDOM, mode, n), {})
+        seeds = sorted(set(dice) & set(random_dice))
+        entry: Dict[str, Any] = {"encoder": encoder, "mode": mode, "labelled_crops": n, "seeds": len(dice), "mean": round(float(np.mean(list(dice.values()))), 4)}
+        if encoder != RANDOM and seeds:
+            diff = np.array([dice[s] - random_dice[s] for s in seeds])
+            entry.update(difference=round(float(diff.mean()), 4), wins=int((diff > 0).sum()), paired=len(seeds),
+                         standard_error=round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4) if len(diff) > 1 else None)
+        table.append(entry)
+    return table
 
 
 def write_report(out: Path, payload: Dict[str, Any]) -> None:
@@ -265,6 +293,19 @@ def write_report(out: Path, payload: Dict[str, Any]) -> None:
                 if gap:
                     lines.append(f"- **{e}**: {gap['mean']:+.3f}; better in {gap['better']}, worse in {gap['worse']} of {gap['of']}")
             lines.append("")
+    efficiency = payload["summary"].get("label_efficiency", [])
+    if efficiency:
+        lines += ["## Hippocampus across patients: Dice against the number of labelled crops", "",
+                  "Mean Dice (anterior and posterior) on other patients' crops; the difference is paired with the random-init encoder "
+                  "of the same seed, which learned from the same crops (± standard error over seeds; wins = seeds where the encoder is ahead).", "",
+                  "| mode | labelled crops | encoder | mean Dice | difference to random-init | wins |", "|---|---:|---|---:|---:|---:|"]
+        for entry in efficiency:
+            difference = entry.get("difference")
+            spread = "" if entry.get("standard_error") is None else f" ± {entry['standard_error']:.3f}"
+            lines.append(f"| {entry['mode']} | {entry['labelled_crops']} | {entry['encoder']} | {entry['mean']:.3f} | "
+                         + ("" if difference is None else f"{difference:+.3f}{spread}") + " | "
+                         + ("" if difference is None else f"{entry['wins']} of {entry['paired']}") + " |")
+        lines.append("")
     lines += ["## Effective rank of the standardised features (mean over structures)", "",
               "Participation ratio of the covariance eigenvalues at 4,000 random voxels: 1 = one direction carries all variance.", "",
               "| encoder | stride 2 | stride 4 | stride 8 | stride 16 (graph + tokens) |", "|---|---:|---:|---:|---:|"]
@@ -302,7 +343,7 @@ def main(argv: Sequence[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--feature-sets", default="all", help=f"comma-separated subset of {', '.join(FEATURE_SETS)}")
     parser.add_argument("--modes", default="adapter", help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--feature-window", type=int, default=0, help="window the encoder runs on (default: the product's)")
-    parser.add_argument("--across", type=int, default=0, help="also learn the hippocampus from this many labelled crops and score on other patients' crops")
+    parser.add_argument("--across", default="", help="also learn the hippocampus from this many labelled crops (comma-separated counts) and score on other patients' crops")
     parser.add_argument("--test-cases", type=int, default=10, help="held-out crops scored with --across")
     args = parser.parse_args(argv)
     import torch
@@ -328,8 +369,12 @@ def main(argv: Sequence[str] = None) -> int:  # type: ignore[assignment]
     if any(m not in MODES for m in modes):
         parser.error(f"--modes: choose from {', '.join(MODES)}")
     window = args.feature_window or adapt.FEATURE_WINDOW
+    try:
+        across = [int(n) for n in args.across.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--across: comma-separated crop counts, not {args.across!r}")
     rows, ranks = run([s.strip() for s in args.structures.split(",") if s.strip()], seeds, args.k, lambda m: print(f"[{time.perf_counter() - started:7.1f}s] {m}", flush=True),
-                      encoders, feature_sets, modes, window, args.across, args.test_cases)
+                      encoders, feature_sets, modes, window, across, args.test_cases)
     payload = {"machine": f"{platform.machine()} {args.threads} torch threads", "k": args.k, "seeds": seeds, "encoders": sources, "modes": modes,
                "feature_sets": list(feature_sets), "feature_window": window, "wall_s": round(time.perf_counter() - started, 1), "runs": rows,
                "ranks": ranks, "summary": summarise(rows)}

@@ -207,8 +207,9 @@ class Lib:
             self.feature_seconds[key] = time.perf_counter() - tick
         return self.prepared[key], self.feature_seconds[key]
 
-    def forget(self, image_path: Path) -> None:
-        for key in [k for k in self.prepared if k[0] == str(image_path)]:
+    def forget(self, image_path: Optional[Path] = None, encoder_key: Optional[str] = None) -> None:
+        """Drop the prepared features of a volume and/or an encoder: each is a whole feature pyramid."""
+        for key in [k for k in self.prepared if (image_path is None or k[0] == str(image_path)) and (encoder_key is None or k[1] == encoder_key)]:
             del self.prepared[key]
 
     def supervision(self, image, label_array: np.ndarray, class_names: Sequence[str], dense: bool, axis: str):

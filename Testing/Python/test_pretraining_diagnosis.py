@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -83,17 +84,36 @@ def test_checkpoints_of_a_run_are_tested_as_encoders(tmp_path):
 
 def test_across_patients_rows(tmp_path):
     """--across: adapters learn the hippocampus from labelled crops and are scored on other
-    patients' crops, over the tested encoder and a random-init one."""
+    patients' crops, over the tested encoder and a random-init one; several crop counts give a
+    label-efficiency table paired by seed."""
     import diagnose_pretraining as diagnosis
 
-    assert diagnosis.main(["--structures", "", "--across", "2", "--test-cases", "3", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    assert diagnosis.main(["--structures", "", "--across", "1,2", "--test-cases", "3", "--seeds", "2", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "pretraining_diagnosis.json").read_text())
     runs = payload["runs"]
-    assert {r["encoder"] for r in runs} == {"bundled", "random-init"} and {r["task"] for r in runs} == {"hippocampus across patients (n = 2)"}
-    train, test = set(runs[0]["train_cases"]), set(runs[0]["test_cases"])
-    assert len(train) == 2 and len(test) == 3 and not train & test  # scored on other patients
-    assert all(r["dice"] > 0.2 for r in runs), runs
-    assert "| hippocampus across patients (n = 2)" in (tmp_path / "pretraining_diagnosis.md").read_text()
+    assert {r["encoder"] for r in runs} == {"bundled", "random-init"}
+    assert {r["task"] for r in runs} == {"hippocampus across patients (n = 1)", "hippocampus across patients (n = 2)"}
+    for run in runs:
+        train, test = set(run["train_cases"]), set(run["test_cases"])
+        assert len(train) == run["labelled_crops"] and len(test) == 3 and not train & test  # scored on other patients
+    # the same seed draws the same crops for both encoders; another seed draws others
+    by_seed = {(r["seed"], r["labelled_crops"]): r["train_cases"] for r in runs if r["encoder"] == "random-init"}
+    assert all(r["train_cases"] == by_seed[(r["seed"], r["labelled_crops"])] for r in runs)
+    assert by_seed[(0, 2)] != by_seed[(1, 2)]
+    # they learn: one crop can miss (a random encoder scored 0.01 from one crop), two do not
+    assert all(r["dice"] > 0.2 for r in runs if r["labelled_crops"] == 2) and np.mean([r["dice"] for r in runs]) > 0.2, runs
+    efficiency = {(e["encoder"], e["labelled_crops"]): e for e in payload["summary"]["label_efficiency"]}
+    assert set(efficiency) == {(e, n) for e in ("bundled", "random-init") for n in (1, 2)}
+    for n in (1, 2):
+        dice = {(r["encoder"], r["seed"]): r["dice"] for r in runs if r["labelled_crops"] == n}
+        differences = [dice[("bundled", s)] - dice[("random-init", s)] for s in (0, 1)]
+        entry = efficiency[("bundled", n)]
+        assert entry["difference"] == pytest.approx(sum(differences) / 2, abs=1e-4)
+        assert entry["wins"] == sum(d > 0 for d in differences) and entry["paired"] == 2 and entry["standard_error"] is not None
+        assert "difference" not in efficiency[("random-init", n)]
+    report = (tmp_path / "pretraining_diagnosis.md").read_text()
+    assert "| hippocampus across patients (n = 2)" in report and "## Hippocampus across patients: Dice against the number of labelled crops" in report
+    assert f"| adapter | 2 | bundled | {efficiency[('bundled', 2)]['mean']:.3f} | {efficiency[('bundled', 2)]['difference']:+.3f} ±" in report
 
 
 def test_encoder_half_of_a_segmentation_model(tmp_path):
