@@ -306,9 +306,10 @@ def write_report(out: Path, payload: Dict[str, Any]) -> None:
                          + ("" if difference is None else f"{difference:+.3f}{spread}") + " | "
                          + ("" if difference is None else f"{entry['wins']} of {entry['paired']}") + " |")
         lines.append("")
-    lines += ["## Effective rank of the standardised features (mean over structures)", "",
-              "Participation ratio of the covariance eigenvalues at 4,000 random voxels: 1 = one direction carries all variance.", "",
-              "| encoder | stride 2 | stride 4 | stride 8 | stride 16 (graph + tokens) |", "|---|---:|---:|---:|---:|"]
+    if payload["ranks"]:  # measured per structure; an across-patients-only run has none
+        lines += ["## Effective rank of the standardised features (mean over structures)", "",
+                  "Participation ratio of the covariance eigenvalues at 4,000 random voxels: 1 = one direction carries all variance.", "",
+                  "| encoder | stride 2 | stride 4 | stride 8 | stride 16 (graph + tokens) |", "|---|---:|---:|---:|---:|"]
     for e in encoders + [RANDOM]:
         values = [r for per_task in payload["ranks"].values() for key, r in per_task.items() if (key == e or (e == RANDOM and key.startswith("random-")))]
         if values:

@@ -113,6 +113,7 @@ def test_across_patients_rows(tmp_path):
         assert "difference" not in efficiency[("random-init", n)]
     report = (tmp_path / "pretraining_diagnosis.md").read_text()
     assert "| hippocampus across patients (n = 2)" in report and "## Hippocampus across patients: Dice against the number of labelled crops" in report
+    assert "## Effective rank" not in report  # no structures, no ranks
     assert f"| adapter | 2 | bundled | {efficiency[('bundled', 2)]['mean']:.3f} | {efficiency[('bundled', 2)]['difference']:+.3f} ±" in report
 
 
