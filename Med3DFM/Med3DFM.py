@@ -119,7 +119,7 @@ class Med3DFMParameterNode:
     """What the panel shows; saved with the scene.
 
     inputVolume - the CT/MR volume to process.
-    outputSegmentation - None: a new segmentation node per run; a node: its segments are replaced.
+    outputSegmentation - None: a new segmentation node per run; a node: the model's segments in it are replaced or added, others kept.
     modelId - registry id of the segmentation model.
     device - "auto", "cpu" or "cuda".
     show3D - build closed surfaces of the result.
@@ -461,10 +461,12 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
 
         def finish() -> str:
-            segmentationNode, tableNode = self.logic.finishSegment(job, show3D=job.context.get("show3D", False))
+            outputs = self.logic.finishSegment(job, show3D=job.context.get("show3D", False))
+            segmentationNode, tableNode = outputs
             if tableNode is not None:
                 self.showTable(tableNode)
-            return _("Done in {seconds:.0f} s: {name}").format(seconds=job.result().seconds, name=segmentationNode.GetName())
+            return _("Done in {seconds:.0f} s: {name} ({report})").format(seconds=job.result().seconds, name=segmentationNode.GetName(),
+                                                                       report=outputs.report.summary())
 
         self._settleJob(job, self.ui.progressBar, self.ui.statusLabel, _("Segmentation failed: {message}"), _("Cancelled."), finish)
 
@@ -533,7 +535,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                      "or save the adapter as a model.").format(summary=results.training_summary(learned["record"]))
             if job.context.get("skipped"):
                 text += " " + _("Empty segments left out: {names}.").format(names=", ".join(job.context["skipped"]))
-            return text
+            return text + " " + _("Segments: {report}.").format(report=learned["report"].summary())
 
         self._settleJob(job, self.ui.learnProgressBar, self.ui.learnStatusLabel, _("Learning failed: {message}"),
                         _("Cancelled; the segmentation was not changed."), finish)
@@ -930,14 +932,15 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         return self._startJob("segment", volumeNode, build)
 
     def finishSegment(self, job: "jobs.Job", show3D: bool = False):
-        """Turn a finished segment job's files into nodes: (segmentation node, table node)."""
+        """Turn a finished segment job's files into nodes: (segmentation node, table node), with `.report`
+        (results.SegmentMerge: the segments replaced, added and kept)."""
         result = self._checkFinished(job)
         segmentResult = results.SegmentResult.from_outputs(result.outputs, job.context["output"])
         return self.loadSegmentResult(segmentResult, job.context["volumeNode"], job.context.get("outputSegmentationNode"), show3D)
 
     def segment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None,
                 show3D: bool = False, timeout: Optional[float] = None):
-        """Segment synchronously (scripts, tests): returns (segmentation node, table node)."""
+        """Segment synchronously (scripts, tests): returns (segmentation node, table node), with `.report`."""
         job = self.startSegment(volumeNode, modelId, device, outputSegmentationNode)
         try:
             job.wait(timeout=timeout)
@@ -951,17 +954,19 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         entry = environment.registry_entry(environment.read_registry(self.registryPath()), f"{segmentResult.model_id}@{segmentResult.model_version}")
         self.applySegmentDisplay(loaded, results.segment_display_info(entry) if entry else [])
         if outputSegmentationNode is not None and outputSegmentationNode is not loaded:
-            # The user chose this node as the output: its segments are replaced by the result.
-            target = outputSegmentationNode.GetSegmentation()
-            target.RemoveAllSegments()
-            source = loaded.GetSegmentation()
-            for index in range(source.GetNumberOfSegments()):
-                target.CopySegmentFromSegmentation(source, source.GetNthSegmentID(index))
-            slicer.mrmlScene.RemoveNode(loaded)
+            # The user chose this node as the output: only the model's segments are replaced or added,
+            # everything else in it (painted, imported, other models' results) stays as it is.
+            try:
+                report = self.mergeResultSegments(loaded, outputSegmentationNode, volumeNode)
+            finally:
+                slicer.mrmlScene.RemoveNode(loaded)
             segmentationNode = outputSegmentationNode
         else:
             segmentationNode = loaded
             segmentationNode.SetName(f"{volumeNode.GetName()} {segmentResult.model_id}")
+            segmentation = loaded.GetSegmentation()
+            report = results.SegmentMerge(added=[segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())],
+                                          segment_ids=[segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())])
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentationNode.CreateDefaultDisplayNodes()
         if show3D:
@@ -975,7 +980,66 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
                 node.SetAttribute(results.PROVENANCE_ATTRIBUTE, segmentResult.provenance)
                 node.SetAttribute(results.MODEL_ATTRIBUTE, modelText)
         self.placeBesideInput(volumeNode, [segmentationNode, tableNode])
-        return segmentationNode, tableNode
+        return results.SegmentOutputs(segmentationNode, tableNode, report)
+
+    @staticmethod
+    def _segmentIds(segmentation) -> List[str]:
+        return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+    def mergeResultSegments(self, resultNode, segmentationNode, volumeNode) -> "results.SegmentMerge":
+        """Put the segments of `resultNode` into the user's `segmentationNode` without touching anything else.
+
+        A result segment replaces the segment of the same name (case-insensitive) whose terminology
+        agrees where both have one (results.plan_segment_merge): that segment keeps its ID, its place in
+        the list and its display settings; its voxels, name, colour and terminology become the
+        result's. Other result segments are added. Every other segment keeps its ID, name, colour,
+        tags and voxels. Returns what was replaced, added and kept.
+        """
+        source = resultNode.GetSegmentation()
+        target = segmentationNode.GetSegmentation()
+        sourceIds = self._segmentIds(source)
+        existing = [(segmentId, target.GetSegment(segmentId).GetName(), self.segmentTerminology(target.GetSegment(segmentId)))
+                    for segmentId in self._segmentIds(target)]
+        plan = results.plan_segment_merge([(source.GetSegment(i).GetName(), self.segmentTerminology(source.GetSegment(i))) for i in sourceIds], existing)
+        # Overlaps: a replaced segment gets a labelmap of its own (updateSegmentBinaryLabelmapFromArray
+        # imports it as a new layer after clearing only that segment) and an added one keeps its own
+        # copy (CopySegmentFromSegmentation), so where the result overlaps a kept segment both keep
+        # their voxels: Slicer's default, segments may overlap in a multi-layer segmentation. Nothing is
+        # erased from a kept segment.
+        # Replacements first: if Slicer refuses one (e.g. a node whose source representation is not a
+        # binary labelmap), nothing has been added yet.
+        targetIds: Dict[str, str] = {}
+        for sourceId, update in zip(sourceIds, plan):
+            if update.target_id is None:
+                continue
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(resultNode, sourceId, volumeNode)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, update.target_id, volumeNode)
+            self.copySegmentProperties(source.GetSegment(sourceId), target.GetSegment(update.target_id))
+            targetIds[sourceId] = update.target_id
+        for sourceId, update in zip(sourceIds, plan):
+            if update.target_id is not None:
+                continue
+            before = set(self._segmentIds(target))
+            # The copy keeps the source ID unless the node has one already; then Slicer makes it unique.
+            if not target.CopySegmentFromSegmentation(source, sourceId):
+                raise RuntimeError(f"could not add the segment '{update.result_name}' to {segmentationNode.GetName()}")
+            targetIds[sourceId] = next(i for i in self._segmentIds(target) if i not in before)
+        changed = set(targetIds.values())
+        return results.SegmentMerge(
+            replaced=[u.result_name for u in plan if u.target_id is not None],
+            added=[u.result_name for u in plan if u.target_id is None],
+            kept=[name for segmentId, name, _terminology in existing if segmentId not in changed],
+            segment_ids=[targetIds[i] for i in sourceIds])
+
+    def copySegmentProperties(self, source, segment) -> None:
+        """Name, colour and (where the result has one) terminology of a result segment onto the segment it replaced."""
+        if segment.GetName() != source.GetName():
+            segment.SetName(source.GetName())
+        if any(abs(a - b) > 1e-6 for a, b in zip(segment.GetColor(), source.GetColor())):
+            segment.SetColor(*source.GetColor())
+        terminology = self.segmentTerminology(source)
+        if terminology and self.segmentTerminology(segment) != terminology:
+            segment.SetTag("TerminologyEntry", terminology)
 
     @staticmethod
     def forgetTemporaryFile(node) -> None:
@@ -1302,16 +1366,18 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         segmentationNode = job.context["segmentationNode"]
         volumeNode = job.context["volumeNode"]
         output = Path(result.outputs.get("segmentation") or job.context["output"])
-        segmentIds = self.applyLearnedSegments(output, volumeNode, segmentationNode, record.get("adapter", {}).get("classes") or job.context["structures"])
+        report = self.applyLearnedSegments(output, volumeNode, segmentationNode, record.get("adapter", {}).get("classes") or job.context["structures"])
         segmentationNode.SetAttribute(results.PROVENANCE_ATTRIBUTE, json.dumps(record, sort_keys=True))
         segmentationNode.SetAttribute(results.MODEL_ATTRIBUTE, str(record.get("adapter", {}).get("id", "")))
         segmentationNode.SetAttribute(results.ADAPTER_ATTRIBUTE, str(adapter))
-        return {"adapter": adapter, "record": record, "segmentIds": segmentIds, "segmentationNode": segmentationNode}
+        return {"adapter": adapter, "record": record, "segmentIds": report.segment_ids, "report": report, "segmentationNode": segmentationNode}
 
-    def applyLearnedSegments(self, output: Path, volumeNode, segmentationNode, structures: List[str]) -> List[str]:
+    def applyLearnedSegments(self, output: Path, volumeNode, segmentationNode, structures: List[str]) -> "results.SegmentMerge":
         """Replace the painted structures (matched by name) with the full result; add any that are missing.
 
-        Background and every other segment of the node are left as they are.
+        Only the voxels of a replaced segment change (its ID, name, colour and terminology are the
+        user's). Background and every other segment of the node are left as they are; overlaps are
+        kept as in mergeResultSegments. Returns what was replaced, added and kept.
         """
         loaded = slicer.util.loadSegmentation(str(output))  # raises if it cannot
         try:
@@ -1319,21 +1385,25 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             sourceIds = {source.GetNthSegment(i).GetName(): source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())}
             target = segmentationNode.GetSegmentation()
             existing = {target.GetNthSegmentID(i): target.GetNthSegment(i).GetName() for i in range(target.GetNumberOfSegments())}
-            changed = []
+            report = results.SegmentMerge()
             for update in results.segments_to_update(list(sourceIds), existing, structures):
                 sourceId = sourceIds[update.result_name]
                 if update.target_id is None:
-                    before = {target.GetNthSegmentID(i) for i in range(target.GetNumberOfSegments())}
-                    target.CopySegmentFromSegmentation(source, sourceId)
-                    changed += [target.GetNthSegmentID(i) for i in range(target.GetNumberOfSegments()) if target.GetNthSegmentID(i) not in before]
+                    before = set(self._segmentIds(target))
+                    if not target.CopySegmentFromSegmentation(source, sourceId):
+                        raise RuntimeError(f"could not add the segment '{update.result_name}' to {segmentationNode.GetName()}")
+                    report.segment_ids += [i for i in self._segmentIds(target) if i not in before]
+                    report.added.append(update.result_name)
                 else:
                     mask = slicer.util.arrayFromSegmentBinaryLabelmap(loaded, sourceId, volumeNode)
                     slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, update.target_id, volumeNode)
-                    changed.append(update.target_id)
+                    report.segment_ids.append(update.target_id)
+                    report.replaced.append(existing[update.target_id])
+            report.kept = [name for segmentId, name in existing.items() if segmentId not in report.segment_ids]
         finally:
             slicer.mrmlScene.RemoveNode(loaded)
         segmentationNode.CreateDefaultDisplayNodes()
-        return changed
+        return report
 
     def adapterImportArguments(self, adapter: Path) -> List[str]:
         """Make room for a new copy of a learned adapter in the model folder; the `models import` arguments.

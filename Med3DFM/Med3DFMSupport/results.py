@@ -1,5 +1,7 @@
 """A finished job's files, understood: the record, the table, the segments' names/colours/terminology;
-and for Learn from labels: the painted segments as one .seg.nrrd, and which result segments go back where."""
+and for Learn from labels: the painted segments as one .seg.nrrd, and which result segments go back where;
+for a Segment output the user chose: which of its segments a result replaces (plan_segment_merge) and
+the report of what was replaced, added and kept (SegmentMerge)."""
 
 from __future__ import annotations
 
@@ -369,6 +371,90 @@ def segments_to_update(result_names: Iterable[str], existing: Mapping[str, str],
             continue
         updates.append(SegmentUpdate(name, by_name.get(key)))
     return updates
+
+
+# --- a result -> a segmentation the user chose (Segment output, Learn from labels) --------------------
+
+def terminology_codes(text: str) -> Optional[Tuple[Tuple[str, str], ...]]:
+    """The coded part of a `TerminologyEntry` string: (scheme, value) of category, type, type modifier,
+    anatomic region and region modifier; context names and code meanings left out. None when empty.
+
+    Two entries with the same codes are the same structure: Slicer's own comparison
+    (vtkSlicerTerminologiesModuleLogic::AreTerminologyEntriesEqual, exact match of scheme and value).
+    A string that is not 7 `~` fields is compared as it is.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    fields = text.split("~")
+    if len(fields) != 7:
+        return (("", text),)
+    codes = []
+    for index in (1, 2, 3, 5, 6):
+        parts = (fields[index].split("^") + ["", ""])[:2]
+        codes.append((parts[0].strip(), parts[1].strip()))
+    return tuple(codes)
+
+
+def same_structure(name_a: str, terminology_a: str, name_b: str, terminology_b: str) -> bool:
+    """One segment name for the other: the same name (case-insensitive, as Slicer's
+    GetSegmentIdBySegmentName) and, where both carry a terminology entry, the same codes."""
+    if name_a.strip().lower() != name_b.strip().lower():
+        return False
+    codes_a, codes_b = terminology_codes(terminology_a), terminology_codes(terminology_b)
+    return codes_a is None or codes_b is None or codes_a == codes_b
+
+
+def plan_segment_merge(result: Sequence[Tuple[str, str]], existing: Sequence[Tuple[str, str, str]]) -> List[SegmentUpdate]:
+    """Where each result segment goes in a segmentation that already has segments.
+
+    `result`: (name, terminology) of each result segment, in order; `existing`: (id, name,
+    terminology) of the node's segments, in order. A result segment replaces the first segment not
+    yet replaced that is the same structure (`same_structure`); otherwise it is added (target None).
+    Every segment not named in the plan is kept as it is.
+    """
+    claimed: set = set()
+    updates = []
+    for name, terminology in result:
+        target = next((segment_id for segment_id, other, other_terminology in existing
+                       if segment_id not in claimed and same_structure(name, terminology, other, other_terminology)), None)
+        if target is not None:
+            claimed.add(target)
+        updates.append(SegmentUpdate(name, target))
+    return updates
+
+
+@dataclass
+class SegmentMerge:
+    """What loading a result into a segmentation node did to its segments (names, in order)."""
+
+    replaced: List[str] = field(default_factory=list)  # result segments that replaced a segment of the node
+    added: List[str] = field(default_factory=list)  # result segments added as new segments
+    kept: List[str] = field(default_factory=list)  # the node's other segments, not touched
+    segment_ids: List[str] = field(default_factory=list)  # the ids of the replaced and added segments, in result order
+
+    def summary(self) -> str:
+        """One line for the status label, e.g. "replaced anterior hippocampus; added tumour; kept 2 other segments"."""
+        parts = []
+        if self.replaced:
+            parts.append("replaced " + ", ".join(self.replaced))
+        if self.added:
+            parts.append("added " + ", ".join(self.added))
+        if self.kept:
+            parts.append(f"kept {len(self.kept)} other segment{'' if len(self.kept) == 1 else 's'}")
+        return "; ".join(parts) or "no segments"
+
+
+class SegmentOutputs(tuple):
+    """What a Segment run made: unpacks as (segmentation node, table node), as it always did, and
+    carries `.report`, the SegmentMerge of the segmentation node."""
+
+    report: SegmentMerge
+
+    def __new__(cls, segmentation_node: Any, table_node: Any, report: SegmentMerge) -> "SegmentOutputs":
+        outputs = super().__new__(cls, (segmentation_node, table_node))
+        outputs.report = report
+        return outputs
 
 
 def adapter_record(adapter: Path) -> Dict[str, Any]:

@@ -222,8 +222,11 @@ class Segment:
 
 
 class Segmentation:
+    """vtkSegmentation (Libs/vtkSegmentationCore/vtkSegmentation.{h,cxx}): segments by ID, in list order."""
+
     def __init__(self) -> None:
         self._segments: Dict[str, Segment] = {}
+        self._id_index = 0  # SegmentIdAutogeneratorIndex
 
     def GetNumberOfSegments(self) -> int:
         return len(self._segments)
@@ -238,28 +241,54 @@ class Segmentation:
         return self._segments.get(segment_id)
 
     def GetSegmentIdBySegmentName(self, name: str) -> str:
-        return next((sid for sid, s in self._segments.items() if s.GetName().lower() == name.lower()), "")
+        """Case-insensitive; the first match in ID order (Slicer walks its std::map of segments), "" if none."""
+        return next((sid for sid in sorted(self._segments) if self._segments[sid].GetName().lower() == name.lower()), "")
+
+    def GenerateUniqueSegmentID(self, segment_id: str = "") -> str:
+        """An unused ID as Slicer makes one: the ID itself if free, else ID_N with a growing counter."""
+        if segment_id and segment_id not in self._segments:
+            return segment_id
+        if not segment_id:
+            return next(f"Segment_{n}" for n in itertools.count(len(self._segments) + 1) if f"Segment_{n}" not in self._segments)
+        while True:
+            self._id_index += 1
+            candidate = f"{segment_id}_{self._id_index}"
+            if candidate not in self._segments:
+                return candidate
 
     def AddEmptySegment(self, segment_id: str = "", segment_name: str = "", color=None) -> str:
         """vtkSegmentation::AddEmptySegment(segmentId, segmentName, color): an all-zero 1-voxel labelmap."""
-        segment_id = segment_id or f"Segment_{len(self._segments) + 1}"
+        segment_id = self.GenerateUniqueSegmentID(segment_id)
         self._segments[segment_id] = Segment(segment_name or segment_id, color or (0.5, 0.5, 0.5), np.zeros((1, 1, 1), np.uint8), np.eye(4))
         return segment_id
 
-    def AddSegment(self, segment: Segment, segment_id: str) -> None:
-        self._segments[segment_id] = segment
-
-    def RemoveAllSegments(self) -> None:
-        self._segments.clear()
+    def AddSegment(self, segment: Segment, segment_id: str = "", insert_before_segment_id: str = "") -> bool:
+        """vtkSegmentation::AddSegment(segment, segmentId, insertBeforeSegmentId): at the end, or before the
+        given segment. Slicer does not check that the ID is free (its ID list would hold it twice): refused here."""
+        key = segment_id or self.GenerateUniqueSegmentID()
+        if key in self._segments:
+            raise ValueError(f"AddSegment: segment ID {key} is already in the segmentation")
+        if not insert_before_segment_id or insert_before_segment_id not in self._segments:
+            self._segments[key] = segment
+            return True
+        items = list(self._segments.items())
+        position = [k for k, _ in items].index(insert_before_segment_id)
+        items.insert(position, (key, segment))
+        self._segments = dict(items)
+        return True
 
     def CopySegmentFromSegmentation(self, source: "Segmentation", segment_id: str, remove_from_source: bool = False) -> bool:
+        """A deep copy added at the end under the same ID, or a unique one made from it when the ID is
+        taken (Slicer warns and does the same); nothing else in this segmentation changes."""
+        if source is None or not segment_id:
+            return False
         segment = source.GetSegment(segment_id)
         if segment is None:
             return False
-        new_id = segment_id
-        while new_id in self._segments:
-            new_id += "_1"
-        self._segments[new_id] = segment.copy()
+        new_id = self.GenerateUniqueSegmentID(segment_id)
+        self._segments[new_id] = segment if remove_from_source else segment.copy()
+        if remove_from_source:
+            del source._segments[segment_id]
         return True
 
 

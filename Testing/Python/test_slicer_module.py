@@ -184,6 +184,32 @@ def test_only_the_learned_structures_go_back():
     assert [(u.result_name, u.target_id) for u in updates] == [("anterior hippocampus", "Segment_1"), ("posterior hippocampus", "Segment_2"), ("new structure", None)]
 
 
+def _terminology(code, meaning="structure", context="a context"):
+    return f"{context}~SCT^123037004^Anatomical Structure~SCT^{code}^{meaning}~^^~{results.DICOM_ANATOMY_CONTEXT}~^^~^^"
+
+
+def test_a_result_replaces_only_segments_of_the_same_structure():
+    existing = [("s1", "Liver", _terminology("10200004", "Liver")), ("s2", "tumour", ""), ("s3", "kidney", _terminology("64033007")),
+                ("s4", "kidney", _terminology("64033007")), ("s5", "spleen", _terminology("78961009")), ("s6", "painted", "")]
+    plan = results.plan_segment_merge([("liver", _terminology("10200004", "liver, other wording", "another context")),  # codes decide
+                                       ("Tumour", _terminology("108369006")),  # one side has no terminology: the name decides
+                                       ("kidney", _terminology("64033007")), ("kidney", _terminology("64033007")),
+                                       ("kidney", _terminology("64033007")),  # each segment is replaced at most once
+                                       ("spleen", _terminology("181279003"))], existing)  # same name, other codes: added
+    assert [(u.result_name, u.target_id) for u in plan] == [("liver", "s1"), ("Tumour", "s2"), ("kidney", "s3"), ("kidney", "s4"),
+                                                            ("kidney", None), ("spleen", None)]
+    assert results.plan_segment_merge([("liver", "")], []) == [results.SegmentUpdate("liver", None)]
+    assert results.terminology_codes("") is None and results.terminology_codes("not~an~entry") == (("", "not~an~entry"),)
+    assert results.same_structure(" Liver ", "", "liver", _terminology("10200004"))
+    assert not results.same_structure("liver", "", "liver left", "")
+
+    merge = results.SegmentMerge(replaced=["a"], added=["b", "c"], kept=["mine"], segment_ids=["1", "2", "3"])
+    assert merge.summary() == "replaced a; added b, c; kept 1 other segment" and results.SegmentMerge().summary() == "no segments"
+    outputs = results.SegmentOutputs("segmentation", "table", merge)
+    segmentation_node, table_node = outputs
+    assert (segmentation_node, table_node, outputs.report) == ("segmentation", "table", merge) and len(outputs) == 2
+
+
 def test_saved_adapters_join_the_segment_model_list(tmp_path):
     def install(model_id, version, task, title="", with_file=True):
         folder = tmp_path / "models" / model_id / version
@@ -540,7 +566,8 @@ def test_logic_segments_a_volume_node(module, hippocampus_case):
 
     logic = module.Med3DFMLogic()
     job_folders_before = set(Path(slicer.app.temporaryPath).iterdir())
-    segmentation_node, table_node = logic.segment(volume, DEMO, device="cpu", show3D=True, timeout=300)
+    outputs = logic.segment(volume, DEMO, device="cpu", show3D=True, timeout=300)
+    segmentation_node, table_node = outputs  # unpacks as it always did; the report rides along
 
     # names, colours and terminology survive the .seg.nrrd -> node path exactly as the registry says
     entry = environment.registry_entry(environment.read_registry(ROOT / "Resources" / "models.json"), DEMO)
@@ -578,24 +605,99 @@ def test_logic_segments_a_volume_node(module, hippocampus_case):
         assert node.GetAttribute(results.MODEL_ATTRIBUTE) == f"{DEMO}@{entry['version']}"
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
     assert existing.GetSegmentation().GetNumberOfSegments() == 0 and existing in slicer.mrmlScene.nodes
+    assert (outputs.report.replaced, outputs.report.added, outputs.report.kept) == ([], [info.name for info in expected], [])
     assert segmentation_node.GetName() == f"{volume.GetName()} {DEMO}"
     assert set(Path(slicer.app.temporaryPath).iterdir()) == job_folders_before
     assert logic.lastJob["returncode"] == 0
 
 
-def test_logic_replaces_segments_only_in_the_chosen_output_node(module, hippocampus_case):
+def _segment_table(segmentation):
+    """(id, name, colour, terminology) of every segment, in order."""
+    return [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i).GetName(), tuple(segmentation.GetNthSegment(i).GetColor()),
+             segmentation.GetNthSegment(i).GetTerminology()) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def test_logic_keeps_the_users_segments_in_the_chosen_output_node(module, hippocampus_case):
+    """Segment into a node the user chose: only the model's segments are replaced (same name, and the same
+    terminology codes where both have them) or added; a painted segment keeps its ID, name, colour and
+    voxels, also where the result overlaps it; running again replaces the result instead of duplicating it."""
     import slicer_standin
 
     slicer = slicer_standin.slicer
-    volume = slicer.util.loadVolume(str(hippocampus_case[0]))
+    image_path, labels_path = hippocampus_case
+    volume = slicer.util.loadVolume(str(image_path))
+    manual = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(str(labels_path)))
+    ijk_to_ras = slicer_standin._matrix_to_numpy(volume._ijk_to_ras)
+    anterior, posterior = results.segment_display_info(environment.registry_entry(environment.read_registry(ROOT / "Resources" / "models.json"), DEMO))
+
     chosen = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen")
-    chosen.GetSegmentation().AddSegment(slicer_standin.Segment("old", (1, 0, 0), np.zeros((2, 2, 2), np.uint8), np.eye(4)), "old")
+    chosen.CreateDefaultDisplayNodes()
+    segmentation = chosen.GetSegmentation()
+    z = np.nonzero(manual.any(axis=(1, 2)))[0]
+    lesion = np.zeros(manual.shape, np.uint8)
+    lesion[z[len(z) // 2]] = manual[z[len(z) // 2]] > 0  # painted on one slice, right where the model will segment
+    segmentation.AddSegment(slicer_standin.Segment("my lesion", (0.1, 0.9, 0.3), lesion, ijk_to_ras), "Segment_1")
+    chosen.GetDisplayNode().SetSegmentVisibility("Segment_1", False)
+    stale = np.zeros(manual.shape, np.uint8)
+    stale[:3, :3, :3] = 1
+    previous = slicer_standin.Segment("Anterior Hippocampus", (1, 0, 0), stale, ijk_to_ras)  # an earlier result: other case, other context
+    older = anterior.terminology.split("~")
+    older[0], older[2] = "an older context", older[2].rsplit("^", 1)[0] + "^Hippocampal structure"
+    previous.SetTag("TerminologyEntry", "~".join(older))
+    assert previous.GetTerminology() != anterior.terminology  # the same codes, written differently
+    segmentation.AddSegment(previous, "previous result")
+    namesake = slicer_standin.Segment("posterior hippocampus", (0, 0, 1), lesion, ijk_to_ras)  # same name, another structure
+    namesake.SetTag("TerminologyEntry", results.terminology_string({"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                                                                    "type": ["SCT", "108369006", "Tumor"]}))
+    segmentation.AddSegment(namesake, "posterior_hippocampus_2")  # the ID of the result's segment in its .seg.nrrd
+    user_before = {sid: row for sid, *row in _segment_table(segmentation) if sid != "previous result"}
+    kept_objects = [segmentation.GetSegment("Segment_1"), segmentation.GetSegment("posterior_hippocampus_2")]
+
+    logic = module.Med3DFMLogic()
     nodes_before = len(slicer.mrmlScene.nodes)
-    segmentation_node, _table = module.Med3DFMLogic().segment(volume, DEMO, device="cpu", outputSegmentationNode=chosen, timeout=300)
+    outputs = logic.segment(volume, DEMO, device="cpu", outputSegmentationNode=chosen, timeout=300)
+    segmentation_node, _table = outputs
     assert segmentation_node is chosen and chosen.GetName() == "chosen"
-    names = [chosen.GetSegmentation().GetNthSegment(i).GetName() for i in range(chosen.GetSegmentation().GetNumberOfSegments())]
-    assert names == ["anterior hippocampus", "posterior hippocampus"]
     assert len(slicer.mrmlScene.nodes) == nodes_before + 1  # the table; the loaded copy was removed
+
+    # the report: what was replaced, what was added, what was left alone
+    report = outputs.report
+    assert (report.replaced, report.added, report.kept) == (["anterior hippocampus"], ["posterior hippocampus"], ["my lesion", "posterior hippocampus"])
+    assert report.segment_ids == ["previous result", "posterior_hippocampus_2_1"]
+    assert report.summary() == "replaced anterior hippocampus; added posterior hippocampus; kept 2 other segments"
+
+    # the user's segments: same objects, IDs, names, colours, terminology, voxels, visibility
+    table = _segment_table(segmentation)
+    assert [row[0] for row in table] == ["Segment_1", "previous result", "posterior_hippocampus_2", "posterior_hippocampus_2_1"]
+    assert {sid: row for sid, *row in table if sid in user_before} == user_before
+    assert [segmentation.GetSegment(sid) for sid in ("Segment_1", "posterior_hippocampus_2")] == kept_objects
+    for segment_id in user_before:
+        assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(chosen, segment_id, volume), lesion), segment_id
+    assert not chosen.GetDisplayNode().GetSegmentVisibility("Segment_1")
+
+    # the earlier result is replaced in place: its ID and place, the model's voxels, name, colour and terminology
+    replaced = segmentation.GetSegment("previous result")
+    assert (replaced.GetName(), replaced.GetTerminology()) == (anterior.name, anterior.terminology)
+    assert replaced.GetColor() == pytest.approx(anterior.color, abs=1e-6)
+    masks = {sid: slicer.util.arrayFromSegmentBinaryLabelmap(chosen, sid, volume) > 0 for sid in report.segment_ids}
+    assert not masks["previous result"][:3, :3, :3].any()
+    assert _dice(masks["previous result"], manual == anterior.value) > 0.7
+    added = segmentation.GetSegment("posterior_hippocampus_2_1")
+    assert (added.GetName(), added.GetTerminology()) == (posterior.name, posterior.terminology)
+    assert _dice(masks["posterior_hippocampus_2_1"], manual == posterior.value) > 0.7
+    # segments may overlap (Slicer's multi-layer default): the painted voxels under the result stay painted
+    assert np.count_nonzero(lesion & (masks["previous result"] | masks["posterior_hippocampus_2_1"])) > 0
+
+    # running the model again replaces its own segments; nothing is duplicated, the user's segments stay
+    again = logic.segment(volume, DEMO, device="cpu", outputSegmentationNode=chosen, timeout=300).report
+    assert (again.replaced, again.added, again.kept) == (["anterior hippocampus", "posterior hippocampus"], [], ["my lesion", "posterior hippocampus"])
+    assert again.segment_ids == report.segment_ids
+    assert [row[0] for row in _segment_table(segmentation)] == [row[0] for row in table]
+    for segment_id, mask in masks.items():
+        assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(chosen, segment_id, volume) > 0, mask), segment_id
+    for segment_id in user_before:
+        assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(chosen, segment_id, volume), lesion), segment_id
+    assert {sid: row for sid, *row in _segment_table(segmentation) if sid in user_before} == user_before
 
 
 def test_logic_reports_a_failed_job(module, hippocampus_case):
