@@ -129,7 +129,7 @@ def read_labels(path: PathLike) -> LabelVolume:
     path = Path(path)
     if is_seg_nrrd(path):
         return _read_seg_nrrd(path)
-    image = read_volume(path)
+    image = read_volume(path, kind="labels")
     array = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
         rounded = np.round(array)

@@ -62,7 +62,7 @@ def _load_normalised(path: Path, spacing: Sequence[float]) -> Dict[str, Any]:
     from Med3DFMLib.io.volumes import read_volume
     from Med3DFMLib.preprocess import InputSpec, to_model_input
 
-    image = read_volume(path)
+    image = read_volume(path, kind="labels")  # a constant file in the folder is skipped as a label map below, not an error
     if _looks_like_labels(sitk.GetArrayViewFromImage(image)):
         return {"path": str(path), "codes": None}
     spec = InputSpec(spacing=tuple(spacing), intensity={"method": "percentile", "lower": 0.5, "upper": 99.5})
