@@ -50,11 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--list", type=Path, help="classify: CSV with a header image,class[,roi][,mask] (paths relative to the CSV)")
     adapt.add_argument("--name", required=True, help='name of the structure(s) / adapter, e.g. "left atrium"')
     adapt.add_argument("-o", "--output", type=Path, required=True, help="adapter file (.safetensors)")
-    adapt.add_argument("--mode", choices=["adapter", "prototype"], default="adapter", help="adapter: train a small MLP (seconds); prototype: training-free instant guess")
+    adapt.add_argument("--mode", choices=["auto", "adapter", "prototype", "decoder"], default="auto",
+                       help="adapter: a small MLP in seconds, for the scan you painted; decoder: a convolutional decoder trained with augmentation for "
+                            "--budget-minutes, for other patients; prototype: training-free instant guess; auto (default): decoder for several "
+                            "images or --dense labels, else adapter")
+    adapt.add_argument("--budget-minutes", type=float, default=3.0, help="decoder: training time in minutes (default 3; more time, better model). "
+                       "Ctrl-C, SIGTERM or creating the file OUTPUT.stop ends training early and keeps the best model so far")
     adapt.add_argument("--dense", action="store_true", help="labels cover the whole volume (every unlabelled voxel is background)")
     adapt.add_argument("--slice-axis", choices=["auto", "i", "j", "k"], default="auto", help="axis of the painted slices (default: the most sparsely labelled)")
     adapt.add_argument("--encoder", default="med3dfm-encoder-small", help="encoder id or file the adapter is trained on")
     adapt.add_argument("--segment", type=Path, help="also segment the first image with the new adapter into this .seg.nrrd")
+    adapt.add_argument("--no-propagate", action="store_true", help="--segment: the adapter's answer alone, without the painted outlines and the image's edges")
     adapt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     adapt.add_argument("--seed", type=int, default=0)
     _add_common(adapt)
@@ -128,6 +134,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         record = run_adapt(
             list(zip(args.image, args.labels)), args.name, args.output, mode=args.mode, dense=args.dense, axis=args.slice_axis,
             encoder_spec=args.encoder, device_name=args.device, segment_output=args.segment, registry=args.registry, seed=args.seed, progress=progress,
+            propagate=not args.no_propagate, budget_minutes=args.budget_minutes,
         )
         if progress.mode != "json":
             held = record["training"].get("held_out_dice")

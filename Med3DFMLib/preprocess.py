@@ -107,6 +107,20 @@ def labels_to_model_grid(labels: sitk.Image, grid: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled).astype(np.int64)
 
 
+def probabilities_on(probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """Class probabilities (C+1, z, y, x) resampled linearly in physical space onto the reference grid.
+
+    For the within-scan propagation, which needs the evidence itself on the input grid, not its arg-max.
+    """
+    channels = []
+    for label, channel in enumerate(probabilities):
+        channel_image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
+        channel_image.CopyInformation(grid)
+        fill = 1.0 if label == 0 else 0.0
+        channels.append(sitk.GetArrayFromImage(sitk.Resample(channel_image, reference, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32)))
+    return np.stack(channels)
+
+
 def probabilities_to_labels(probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """Arg-max label map on the reference (input) grid from class probabilities on the model grid.
 

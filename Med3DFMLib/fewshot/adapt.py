@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,6 +31,8 @@ from Med3DFMLib.record import new_record, record_path_for
 
 DEFAULT_ENCODER = "med3dfm-encoder-small"
 FEATURE_WINDOW = 128
+MODES = ("auto", "adapter", "prototype", "decoder")
+DEFAULT_BUDGET_MINUTES = 3.0
 
 
 @dataclass
@@ -125,7 +127,7 @@ def run_adapt(
     pairs: Sequence[Tuple[Path, Path]],
     name: str,
     output: Path,
-    mode: str = "adapter",
+    mode: str = "auto",
     dense: bool = False,
     axis: str = "auto",
     encoder_spec: str = DEFAULT_ENCODER,
@@ -134,13 +136,28 @@ def run_adapt(
     registry: Optional[str] = None,
     seed: int = 0,
     progress: Optional[Progress] = None,
+    propagate: bool = True,
+    budget_minutes: float = DEFAULT_BUDGET_MINUTES,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> Dict[str, Any]:
-    """Learn an adapter from labelled images; optionally segment the first image with it."""
+    """Learn an adapter from labelled images; optionally segment the first image with it.
+
+    Modes: "adapter" (point-wise MLP on cached features, seconds: for this scan), "prototype"
+    (training-free), "decoder" (a convolutional decoder trained with augmentation for
+    `budget_minutes`: for other patients), "auto" (decoder for several images or dense labels,
+    else adapter). `should_stop()` (also: SIGINT/SIGTERM, or a file OUTPUT.stop appearing) ends
+    decoder training early and keeps the best model so far.
+    The first image's segmentation (`segment_output`) combines, with `propagate`, the adapter's
+    evidence with the painted outlines and the image's edges (fewshot.propagate); without it, it is
+    what the adapter alone gives on any other scan.
+    """
     progress = progress or Progress("none")
     if not pairs:
         raise Med3DFMError("adapt needs at least one --image with its --labels")
-    if mode not in ("adapter", "prototype"):
-        raise Med3DFMError(f"unknown mode {mode!r}; use adapter or prototype")
+    if mode not in MODES:
+        raise Med3DFMError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if not budget_minutes > 0:
+        raise Med3DFMError(f"--budget-minutes must be above 0 (got {budget_minutes})")
     if not str(output).endswith(".safetensors"):
         raise Med3DFMError(f"the adapter file must end in .safetensors: {output}")
     check_writable(output)
@@ -149,7 +166,7 @@ def run_adapt(
             raise Med3DFMError(f"--segment output must end in .seg.nrrd: {segment_output}")
         check_writable(segment_output)
     record = new_record("adapt")
-    record["parameters"] = {"name": name, "mode": mode, "dense": dense, "axis": axis, "encoder": encoder_spec, "images": [str(i) for i, _ in pairs], "labels": [str(l) for _, l in pairs]}
+    record["parameters"] = {"name": name, "mode": mode, "dense": dense, "axis": axis, "propagate": propagate, "encoder": encoder_spec, "images": [str(i) for i, _ in pairs], "labels": [str(l) for _, l in pairs]}
     started = time.perf_counter()
     device = choose_device(device_name)
     progress.update("load", 0.0, "loading encoder")
@@ -163,6 +180,11 @@ def run_adapt(
         supervisions.append(supervision_from_labels(image, labels, Path(labels_path).name, dense=dense, axis=axis))
         images.append(image)
     classes = merge_classes(supervisions)
+    if len(classes) == 1:
+        # One structure takes the name given: a plain label map only says "label 1".
+        for supervision in supervisions:
+            supervision.classes = [SegmentInfo(c.value, name, c.color, c.terminology) for c in supervision.classes]
+        classes = merge_classes(supervisions)
     counts = {c.name: 0 for c in classes}
     for supervision in supervisions:
         for segment in supervision.classes:
@@ -170,6 +192,12 @@ def run_adapt(
     for class_name, count in counts.items():
         if count < 2:
             raise Med3DFMError(f"class '{class_name}' has only {count} labelled voxel; paint at least a few voxels of it")
+
+    if mode == "auto":
+        mode = "decoder" if (len(pairs) > 1 or dense) else "adapter"
+        record["parameters"]["mode"] = f"auto: {mode}"
+    if mode == "decoder":
+        return _run_decoder(pairs, images, supervisions, classes, name, output, encoder, device, budget_minutes, segment_output, seed, record, started, progress, should_stop)
 
     prepared, train_points, val_points, all_points = [], [], [], []
     hits = 0
@@ -199,27 +227,7 @@ def run_adapt(
         architecture = {"type": "point-adapter", "mode": "mlp", "in_dim": int(adapter.mean.numel()), "num_classes": len(classes), "hidden": adapter.mlp[1].out_features}
     timings["train"] = round(time.perf_counter() - tick, 3)
 
-    card = {
-        "id": slugify(name),
-        "version": "1.0.0",
-        "task": "adapter",
-        "title": name,
-        "description": f"Few-shot {mode} for {', '.join(c.name for c in classes)}, learned with med3dfm adapt",
-        "architecture": architecture,
-        "parameters": int(sum(t.numel() for t in adapter.state_dict().values())),
-        "encoder": {"id": encoder.id, "version": encoder.version, "sha256": encoder.sha256},
-        "input": spec.to_card(),
-        "labels": [{"value": c.value, "name": c.name, "color": [float(v) for v in c.color], **({"terminology": c.terminology} if c.terminology else {})} for c in classes],
-        "training": {
-            "images": [Path(i).name for i, _ in pairs],
-            "labelled": [
-                {"image": Path(i).name, "slice_axis": s.axis, "labelled_slices": len(s.labelled_slices) if s.axis else "all", "voxels": {c.name: int((s.targets == c.value).sum()) for c in s.classes}}
-                for (i, _), s in zip(pairs, supervisions)
-            ],
-            "summary": summary,
-            "seconds": round(time.perf_counter() - started, 2),
-        },
-    }
+    card = _adapter_card(name, mode, classes, architecture, adapter, encoder, spec, pairs, supervisions, summary, started)
     from Med3DFMLib.weights import write_weights
 
     sha = write_weights(output, {k: v.contiguous() for k, v in adapter.state_dict().items()}, card)
@@ -236,7 +244,13 @@ def run_adapt(
 
         first = prepared[0]
         probabilities = predict_dense(adapter, first.features, first.padded_image)
-        labels_image = probabilities_to_labels(probabilities, first.grid, first.image)
+        if propagate:
+            # This scan: the painted voxels are there to use, at the image's own resolution.
+            progress.update("segment", 0.3, "propagating the painted labels through the scan")
+            labels_image, propagation = _propagate(first, probabilities, remap(supervisions[0], classes), supervisions[0].axis)
+            record["propagation"] = propagation
+        else:
+            labels_image = probabilities_to_labels(probabilities, first.grid, first.image)
         write_seg_nrrd(segment_output, labels_image, classes)
         record["outputs"] = {"segmentation": str(segment_output)}
         timings["segment"] = round(time.perf_counter() - tick, 3)
@@ -247,8 +261,149 @@ def run_adapt(
     return record
 
 
+class StopRequest:
+    """True once the user asked training to stop: SIGINT / SIGTERM, a `should_stop()` callback, or a
+    stop file (what Slicer's Cancel writes, so the job ends with the best model so far)."""
+
+    def __init__(self, stop_file: Path, callback: Optional[Callable[[], bool]] = None) -> None:
+        self.stop_file, self.callback, self.signalled = stop_file, callback, False
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: Any) -> None:
+        self.signalled = True
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        try:
+            self.stop_file.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __call__(self) -> bool:
+        return self.signalled or (self.callback is not None and self.callback()) or self.stop_file.exists()
+
+
+def stop_file_for(output: Path) -> Path:
+    """The file whose appearance asks a running `adapt` to stop and keep its best model."""
+    return Path(str(output) + ".stop")
+
+
+def _model_grid_volume(image: sitk.Image, targets: np.ndarray, spec: InputSpec):
+    """A labelled volume on the encoder's grid: intensities normalised, targets resampled (nearest)."""
+    from Med3DFMLib.fewshot.decoder import LabelledVolume
+    from Med3DFMLib.preprocess import labels_to_model_grid
+
+    array, grid = to_model_input(image, spec)
+    shifted = sitk.GetImageFromArray((targets.astype(np.int32) + 1).astype(np.uint16))  # IGNORE (-1) → 0
+    shifted.CopyInformation(image)
+    on_grid = labels_to_model_grid(shifted, grid) - 1
+    return LabelledVolume(array, on_grid.astype(np.int16)), grid
+
+
+def _run_decoder(pairs, images, supervisions, classes, name, output, encoder, device, budget_minutes, segment_output, seed, record, started, progress, should_stop) -> Dict[str, Any]:
+    """`adapt --mode decoder`: train a FeatureDecoder within the budget, write it with its card."""
+    from Med3DFMLib.fewshot.decoder import predict_volume, train_decoder
+    from Med3DFMLib.weights import write_weights
+
+    # The encoder's own grid: a 1 mm grid was tried for the 3 mL hippocampus and lost (0.58 against
+    # 0.70 Dice from 5 crops in the same budget: crops twice as large, half the steps).
+    spec = encoder.spec
+    progress.update("prepare", 0.0, f"{len(images)} labelled volume(s) on the encoder's grid")
+    volumes, grids = [], []
+    for image, supervision in zip(images, supervisions):
+        volume, grid = _model_grid_volume(image, remap(supervision, classes), spec)
+        volumes.append(volume)
+        grids.append(grid)
+    timings: Dict[str, float] = {"prepare": round(time.perf_counter() - started, 3)}
+    tick = time.perf_counter()
+    module = encoder.module.to(device)
+    with StopRequest(stop_file_for(output), should_stop) as stop:
+        decoder, summary = train_decoder(module, volumes, len(classes), [c.name for c in classes], budget_minutes * 60.0, seed=seed, progress=progress, should_stop=stop)
+    timings["train"] = round(time.perf_counter() - tick, 3)
+    architecture = {"type": "feature-decoder", "num_classes": len(classes), "level_channels": [int(c) for c in decoder.level_channels], "widths": [int(w) for w in decoder.widths]}
+    card = _adapter_card(name, "decoder", classes, architecture, decoder, encoder, spec, pairs, supervisions, summary, started)
+    sha = write_weights(output, {k: v.contiguous() for k, v in decoder.state_dict().items()}, card)
+    record["adapter"] = {"file": str(output), "sha256": sha, "id": card["id"], "classes": [c.name for c in classes], "parameters": card["parameters"]}
+    record["encoder"] = card["encoder"]
+    record["training"] = {k: v for k, v in summary.items() if k != "history"}
+    if segment_output is not None:
+        tick = time.perf_counter()
+        progress.update("segment", 0.0, f"segmenting {Path(pairs[0][0]).name}")
+        from Med3DFMLib.io.segmentations import write_seg_nrrd
+        from Med3DFMLib.preprocess import probabilities_to_labels
+
+        probabilities = predict_volume(module, decoder, volumes[0].image)
+        write_seg_nrrd(segment_output, probabilities_to_labels(probabilities, grids[0], images[0]), classes)
+        record["outputs"] = {"segmentation": str(segment_output)}
+        timings["segment"] = round(time.perf_counter() - tick, 3)
+    timings["total"] = round(time.perf_counter() - started, 3)
+    record["timings_s"] = timings
+    write_text_atomic(record_path_for(output), json.dumps(record, indent=2) + "\n")
+    stopped = " (stopped early: best model so far)" if summary["stopped_by"] == "user" else ""
+    progress.update("done", 1.0, f"wrote {output.name}{stopped}", outputs={"adapter": str(output), **record.get("outputs", {})})
+    return record
+
+
+def _adapter_card(name: str, mode: str, classes, architecture: Dict[str, Any], module: torch.nn.Module, encoder: Encoder, spec: InputSpec,
+                  pairs, supervisions, summary: Dict[str, Any], started: float) -> Dict[str, Any]:
+    return {
+        "id": slugify(name),
+        "version": "1.0.0",
+        "task": "adapter",
+        "title": name,
+        "description": f"Few-shot {mode} for {', '.join(c.name for c in classes)}, learned with med3dfm adapt",
+        "architecture": architecture,
+        "parameters": int(sum(t.numel() for t in module.state_dict().values())),
+        "encoder": {"id": encoder.id, "version": encoder.version, "sha256": encoder.sha256},
+        "input": spec.to_card(),
+        "labels": [{"value": c.value, "name": c.name, "color": [float(v) for v in c.color], **({"terminology": c.terminology} if c.terminology else {})} for c in classes],
+        "training": {
+            "images": [Path(i).name for i, _ in pairs],
+            "labelled": [
+                {"image": Path(i).name, "slice_axis": s.axis, "labelled_slices": len(s.labelled_slices) if s.axis else "all", "voxels": {c.name: int((s.targets == c.value).sum()) for c in s.classes}}
+                for (i, _), s in zip(pairs, supervisions)
+            ],
+            "summary": summary,
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+    }
+
+
+def _propagate(volume: PreparedVolume, probabilities: np.ndarray, targets: np.ndarray, slice_axis: Optional[str]) -> Tuple[sitk.Image, Dict[str, Any]]:
+    """Labels on the image grid from the adapter's probabilities and the painted targets."""
+    from Med3DFMLib.fewshot.propagate import segment_this_scan
+    from Med3DFMLib.preprocess import probabilities_on
+
+    tick = time.perf_counter()
+    on_image = probabilities_on(probabilities, volume.grid, volume.image)
+    intensities = sitk.GetArrayViewFromImage(volume.image)
+    labels, info = segment_this_scan(intensities, list(volume.image.GetSpacing())[::-1], targets, AXES[slice_axis] if slice_axis else None, on_image)
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(volume.image)
+    info["seconds"] = round(time.perf_counter() - tick, 3)
+    return image, info
+
+
 def load_adapter_model(tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -> torch.nn.Module:
-    adapter = build_adapter(card["architecture"])
+    architecture = card["architecture"]
+    if architecture.get("type") == "feature-decoder":
+        from Med3DFMLib.fewshot.decoder import FeatureDecoder
+
+        adapter = FeatureDecoder(architecture["level_channels"], architecture["num_classes"], architecture["widths"])
+    else:
+        adapter = build_adapter(architecture)
     adapter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     return adapter.eval()
 
@@ -268,6 +423,15 @@ def adapter_predictor(tensors: Dict[str, torch.Tensor], card: Dict[str, Any], re
         ) from None
     check_adapter_encoder(card, encoder.sha256)
     spec = InputSpec.from_card(card["input"])
+
+    if card["architecture"].get("type") == "feature-decoder":
+        from Med3DFMLib.fewshot.decoder import predict_volume
+
+        def predict(image: sitk.Image) -> Tuple[np.ndarray, sitk.Image]:
+            array, grid = to_model_input(image, spec)
+            return predict_volume(encoder.module.to(device), adapter.to(device), array), grid
+
+        return predict, [SegmentInfo.from_card(entry) for entry in card["labels"]]
 
     def predict(image: sitk.Image) -> Tuple[np.ndarray, sitk.Image]:
         volume = prepare_volume(image, encoder, spec, device, progress)

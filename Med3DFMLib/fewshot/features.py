@@ -39,9 +39,6 @@ class VolumeFeatures:
     shape: Sequence[int]  # model-grid volume shape before padding
     padded: Sequence[int]
 
-    def channels(self) -> Dict[int, int]:
-        return {stride: int(m.shape[0]) for stride, m in self.maps.items()}
-
 
 def cache_dir() -> Path:
     from Med3DFMLib.registry import models_home
@@ -55,6 +52,7 @@ def cache_key(volume: np.ndarray, encoder_sha256: str, window: int) -> str:
     digest.update(str(volume.shape).encode())
     digest.update(encoder_sha256.encode())
     digest.update(str(window).encode())
+    digest.update(b"windows fit the volume")  # features of small volumes changed with the shrinking window
     return digest.hexdigest()
 
 
@@ -68,13 +66,19 @@ def _window_starts(size: int, window: int, step: int) -> List[int]:
 
 
 def compute_features(encoder: torch.nn.Module, volume: np.ndarray, window: int, device: torch.device, progress: Optional[Progress] = None) -> VolumeFeatures:
-    """Run the encoder over the whole (D, H, W) volume with 16-aligned, half-overlapping windows."""
+    """Run the encoder over the whole (D, H, W) volume with 16-aligned, half-overlapping windows.
+
+    Along an axis shorter than `window` the window shrinks to the volume (rounded up to the
+    encoder's multiple): a 35×50×35 mm crop is one 32×48×32 window, not a mostly padded 128³ one.
+    """
     multiple = encoder.config.window_multiple
-    padded = [int(np.ceil(max(s, window) / multiple) * multiple) for s in volume.shape]
+    padded = [int(np.ceil(s / multiple) * multiple) for s in volume.shape]
+    windows = [min(window, p) for p in padded]
+    padded = [max(p, w) for p, w in zip(padded, windows)]
     data = np.full(padded, float(volume.min()), dtype=np.float32)
     data[tuple(slice(0, s) for s in volume.shape)] = volume
     step = max(multiple, (window // 2) // multiple * multiple)
-    starts = [_window_starts(size, window, step) for size in padded]
+    starts = [_window_starts(size, w, step) for size, w in zip(padded, windows)]
     corners = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
     sums: Dict[int, torch.Tensor] = {}
     counts: Dict[int, torch.Tensor] = {}
@@ -82,7 +86,7 @@ def compute_features(encoder: torch.nn.Module, volume: np.ndarray, window: int, 
     tensor = torch.from_numpy(data)
     with torch.inference_mode():
         for index, (z, y, x) in enumerate(corners):
-            crop = tensor[z : z + window, y : y + window, x : x + window][None, None].to(device)
+            crop = tensor[z : z + windows[0], y : y + windows[1], x : x + windows[2]][None, None].to(device)
             with autocast_for(device):
                 out = encoder(crop)
             levels = dict(zip((2, 4, 8, 16), out.pyramid))
@@ -93,7 +97,7 @@ def compute_features(encoder: torch.nn.Module, volume: np.ndarray, window: int, 
                 if stride not in sums:
                     sums[stride] = torch.zeros(feature.shape[0], *(p // stride for p in padded))
                     counts[stride] = torch.zeros(1, *(p // stride for p in padded))
-                region = (slice(None), slice(z // stride, (z + window) // stride), slice(y // stride, (y + window) // stride), slice(x // stride, (x + window) // stride))
+                region = (slice(None), slice(z // stride, (z + windows[0]) // stride), slice(y // stride, (y + windows[1]) // stride), slice(x // stride, (x + windows[2]) // stride))
                 sums[stride][region] += feature
                 counts[stride][region] += 1
             if progress is not None:
