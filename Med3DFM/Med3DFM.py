@@ -22,7 +22,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Default, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -37,6 +37,9 @@ MODULE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "hippocampus-mr-demo"
 DEVICE_LABELS = {"auto": "Automatic", "cpu": "CPU", "cuda": "GPU (CUDA)"}
 LEARN_MODES = ("adapter", "prototype")  # order of the items of learnModeComboBox in the .ui
+# Learn from labels: "thisScan" (painted slices of the input volume) or "otherPatients" (labelled
+# volumes: a decoder trained for a time budget); order of the items of learnSourceComboBox in the .ui.
+LEARN_SOURCES = ("thisScan", "otherPatients")
 HEATMAP_METHODS = ("none", "attention", "gradcam", "occlusion")  # items of heatmapMethodComboBox
 EXPLAIN_METHODS = ("gradcam", "occlusion")  # items of explainMethodComboBox
 # Heatmaps: a perceptually ordered colour table that Slicer ships; near-zero values are left transparent.
@@ -126,6 +129,8 @@ class Med3DFMParameterNode:
     learnSegmentation - Learn from labels: the segmentation with the painted segments of inputVolume.
     learnName - the name of the new structure(s) and of the adapter.
     learnMode - "adapter" (a small trained network) or "prototype" (training-free instant guess).
+    learnSource - "thisScan" (the painted slices of inputVolume) or "otherPatients" (labelled volumes).
+    learnBudgetMinutes - other patients: the training time budget in minutes.
     classifierId - model id of the classification adapter used by Classify.
     classifyRoi - None: classify the whole volume; a segmentation: pool only inside its visible segments.
     heatmapMethod - "none", "attention", "gradcam" or "occlusion" (the slow reference).
@@ -141,6 +146,8 @@ class Med3DFMParameterNode:
     learnSegmentation: vtkMRMLSegmentationNode
     learnName: Annotated[str, Default("")]
     learnMode: Annotated[str, Choice(["adapter", "prototype"]), Default("adapter")]
+    learnSource: Annotated[str, Choice(["thisScan", "otherPatients"]), Default("thisScan")]
+    learnBudgetMinutes: Annotated[float, WithinRange(jobs.BUDGET_MINUTES_RANGE[0], jobs.BUDGET_MINUTES_RANGE[1]), Default(jobs.BUDGET_MINUTES_DEFAULT)]
     classifierId: Annotated[str, Default("")]
     classifyRoi: vtkMRMLSegmentationNode
     heatmapMethod: Annotated[str, Choice(["none", "attention", "gradcam", "occlusion"]), Default("attention")]
@@ -178,6 +185,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._learnJob = None
         self._classifyJob = None
         self._learnedAdapter: Optional[Path] = None
+        self._labelledPairs: List[Tuple[str, str]] = []  # other patients: (volume node ID, segmentation node ID)
         self._selectAfterImport: Optional[str] = None
         self._timer = None
         self._modelRows: List[results.ModelRow] = []
@@ -211,6 +219,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.learnButton.connect("clicked(bool)", self.onLearnButton)
         self.ui.learnCancelButton.connect("clicked(bool)", self.onLearnCancelButton)
         self.ui.learnModeComboBox.connect("currentIndexChanged(int)", self.onLearnModeChanged)
+        self.ui.learnSourceComboBox.connect("currentIndexChanged(int)", self.onLearnSourceChanged)
+        self.ui.learnAddPairButton.connect("clicked(bool)", self.onAddLabelledPair)
+        self.ui.learnRemovePairButton.connect("clicked(bool)", self.onRemoveLabelledPair)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.classifierComboBox.connect("currentIndexChanged(int)", self.onClassifierChanged)
         self.ui.heatmapMethodComboBox.connect("currentIndexChanged(int)", self.onHeatmapMethodChanged)
@@ -248,6 +259,8 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._labelledPairs = []
+        self._updateLabelledPairsTable()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -357,6 +370,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             modeIndex = LEARN_MODES.index(node.learnMode) if node.learnMode in LEARN_MODES else 0
             if modeIndex != self.ui.learnModeComboBox.currentIndex:
                 self.ui.learnModeComboBox.currentIndex = modeIndex
+            sourceIndex = LEARN_SOURCES.index(node.learnSource) if node.learnSource in LEARN_SOURCES else 0
+            if sourceIndex != self.ui.learnSourceComboBox.currentIndex:
+                self.ui.learnSourceComboBox.currentIndex = sourceIndex
             for combo, values, value in ((self.ui.heatmapMethodComboBox, HEATMAP_METHODS, node.heatmapMethod),
                                          (self.ui.explainMethodComboBox, EXPLAIN_METHODS, node.explainMethod)):
                 wanted = values.index(value) if value in values else 0
@@ -485,19 +501,87 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- Learn from labels ---------------------------------------------------------------------
 
+    def _otherPatients(self) -> bool:
+        return bool(self._parameterNode and self._parameterNode.learnSource == "otherPatients")
+
     def _updateLearnGUI(self) -> None:
         node = self._parameterNode
         running = self._learnJob is not None
-        ready = bool(node and node.inputVolume and node.learnSegmentation and node.learnName.strip())
+        other = self._otherPatients()
+        named = bool(node and node.learnName.strip())
+        if other:
+            ready = named and bool(self._labelledPairNodes())
+            tip = (_("Train a model on the labelled volumes for the time budget") if ready
+                   else _("Add labelled volumes (a volume and its segmentation) and give a name"))
+        else:
+            ready = bool(node and node.inputVolume and node.learnSegmentation and named)
+            tip = (_("Learn the painted structures and segment them in the whole volume") if ready
+                   else _("Select the input volume (Segment section), the painted segmentation and a name"))
         self.ui.learnButton.enabled = ready and not running
-        self.ui.learnButton.toolTip = (_("Learn the painted structures and segment them in the whole volume") if ready
-                                       else _("Select the input volume (Segment section), the painted segmentation and a name"))
+        self.ui.learnButton.toolTip = tip
+        # "This scan" widgets, "Other patients" widgets: only those of the chosen mode are usable
+        self.ui.learnSegmentationSelector.enabled = not other
+        self.ui.learnModeComboBox.enabled = not other
+        self.ui.learnPatientsGroupBox.visible = other
+        self.ui.learnBudgetSpinBox.enabled = other and not running
+        self.ui.learnRemovePairButton.enabled = bool(self._labelledPairs) and not running
+        self.ui.learnAddPairButton.enabled = not running
         self.ui.learnCancelButton.enabled = running
+        self.ui.learnCancelButton.toolTip = (_("Stop training and keep the best model so far (a second click stops at once)")
+                                             if other or (running and self._learnJob.can_stop_early)
+                                             else _("Stop learning; the segmentation is not changed"))
         self.ui.saveAdapterButton.enabled = self._learnedAdapter is not None and not running and self._modelsJob is None
 
     def onLearnModeChanged(self, index: int) -> None:
         if self._parameterNode and 0 <= index < len(LEARN_MODES):
             self._parameterNode.learnMode = LEARN_MODES[index]
+
+    def onLearnSourceChanged(self, index: int) -> None:
+        if self._parameterNode and 0 <= index < len(LEARN_SOURCES):
+            self._parameterNode.learnSource = LEARN_SOURCES[index]
+
+    # other patients: the list of (volume, segmentation) pairs
+
+    def _labelledPairNodes(self) -> List[Tuple[Any, Any]]:
+        """The labelled volumes still in the scene, as (volume node, segmentation node)."""
+        pairs = []
+        for volumeId, segmentationId in self._labelledPairs:
+            volumeNode, segmentationNode = slicer.mrmlScene.GetNodeByID(volumeId), slicer.mrmlScene.GetNodeByID(segmentationId)
+            if volumeNode is not None and segmentationNode is not None:
+                pairs.append((volumeNode, segmentationNode))
+        return pairs
+
+    def _updateLabelledPairsTable(self) -> None:
+        table = self.ui.learnPairsTable
+        pairs = self._labelledPairNodes()
+        self._labelledPairs = [(v.GetID(), s.GetID()) for v, s in pairs]  # forget removed nodes
+        table.setRowCount(len(pairs))
+        for row, nodes in enumerate(pairs):
+            for column, pairNode in enumerate(nodes):
+                item = qt.QTableWidgetItem(pairNode.GetName())
+                item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
+                table.setItem(row, column, item)
+
+    def onAddLabelledPair(self) -> None:
+        volumeNode = self.ui.learnPairVolumeSelector.currentNode()
+        segmentationNode = self.ui.learnPairSegmentationSelector.currentNode()
+        if volumeNode is None or segmentationNode is None:
+            self.ui.learnStatusLabel.text = _("Choose a volume and the segmentation that labels it, then click Add.")
+            return
+        pair = (volumeNode.GetID(), segmentationNode.GetID())
+        if pair not in self._labelledPairs:
+            self._labelledPairs.append(pair)
+        self._updateLabelledPairsTable()
+        self._updateLearnGUI()
+
+    def onRemoveLabelledPair(self) -> None:
+        row = self.ui.learnPairsTable.currentRow()
+        if 0 <= row < len(self._labelledPairs):
+            del self._labelledPairs[row]
+        elif self._labelledPairs:
+            self._labelledPairs.pop()
+        self._updateLabelledPairsTable()
+        self._updateLearnGUI()
 
     def onLearnButton(self) -> None:
         node = self._parameterNode
@@ -505,22 +589,40 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.learnStatusLabel.text = _("Python packages are missing: learning was not started.")
                 return
-            self._learnJob = self.logic.startLearnFromLabels(node.inputVolume, node.learnSegmentation, node.learnName, node.learnMode, node.device)
+            if self._otherPatients():
+                pairs = self._labelledPairNodes()
+                self._learnJob = self.logic.startLearnFromOtherPatients(pairs, node.learnName, node.learnBudgetMinutes, node.device)
+                status = _("Learning {names} from {count} labelled volume(s) for {minutes:g} min; Cancel keeps the best model so far.").format(
+                    names=", ".join(self._learnJob.context["structures"]), count=len(pairs), minutes=node.learnBudgetMinutes)
+            else:
+                self._learnJob = self.logic.startLearnFromLabels(node.inputVolume, node.learnSegmentation, node.learnName, node.learnMode, node.device)
+                status = _("Learning from: {names}").format(names=", ".join(self._learnJob.context["structures"]))
             self._learnedAdapter = None
             self._setProgress(self.ui.learnProgressBar, 0, _("Starting..."))
-            self.ui.learnStatusLabel.text = _("Learning from: {names}").format(names=", ".join(self._learnJob.context["structures"]))
+            self.ui.learnStatusLabel.text = status
             self._timer.start()
         self._updateGUI()
 
+    @staticmethod
+    def _stoppingText() -> str:
+        return _("Stopping: keeping the best model so far")
+
     def onLearnCancelButton(self) -> None:
-        if self._learnJob is not None:
-            self._learnJob.cancel()
+        job = self._learnJob
+        if job is None:
+            return
+        if job.stop_or_cancel():  # other patients: the job ends on its own with the best model so far
+            self._setProgress(self.ui.learnProgressBar, self.ui.learnProgressBar.value / 100.0, self._stoppingText())
+            self.ui.learnStatusLabel.text = self._stoppingText()
+        else:
             self.ui.learnStatusLabel.text = _("Cancelling...")
 
     def _pollLearnJob(self) -> None:
         job = self._learnJob
 
         def describe(event) -> str:
+            if job.stopping:
+                return self._stoppingText()
             dice = jobs.held_out_dice(event.message, event.data) if event.stage == "train" else None
             return _("training: held-out Dice {dice:.2f}").format(dice=dice) if dice is not None else (event.message or event.stage)
 
@@ -529,6 +631,10 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._learnJob = None
 
         def finish() -> str:
+            if job.kind == jobs.DECODER_KIND:
+                learned = self.logic.finishLearnFromOtherPatients(job)
+                self._learnedAdapter = learned["adapter"]
+                return self.logic.otherPatientsStatus(learned)
             learned = self.logic.finishLearnFromLabels(job)
             self._learnedAdapter = learned["adapter"]
             text = _("Done: {summary}. Correct the result in the Segment Editor and learn again, "
@@ -537,8 +643,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 text += " " + _("Empty segments left out: {names}.").format(names=", ".join(job.context["skipped"]))
             return text + " " + _("Segments: {report}.").format(report=learned["report"].summary())
 
-        self._settleJob(job, self.ui.learnProgressBar, self.ui.learnStatusLabel, _("Learning failed: {message}"),
-                        _("Cancelled; the segmentation was not changed."), finish)
+        cancelled = (_("Cancelled: the job did not stop in time; no model was kept.") if job.kind == jobs.DECODER_KIND
+                     else _("Cancelled; the segmentation was not changed."))
+        self._settleJob(job, self.ui.learnProgressBar, self.ui.learnStatusLabel, _("Learning failed: {message}"), cancelled, finish)
 
     def onSaveAdapter(self) -> None:
         adapter = self._learnedAdapter
@@ -1143,7 +1250,8 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
 
     def _startJob(self, kind: str, volumeNode, build) -> "jobs.Job":
         """Write the volume into a new job folder, build the command (`build(folder, inputPath)` returns
-        (command, context)) and start it; the folder is removed if anything fails before the start."""
+        (command, context)) and start it; the folder is removed if anything fails before the start.
+        A context "stopFile" makes Cancel ask the job to stop early (jobs.Job.stop_or_cancel)."""
         if volumeNode is None or volumeNode.GetImageData() is None:
             raise ValueError(_("The input volume has no image data."))
         folder = self._newJobFolder()
@@ -1151,7 +1259,8 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             inputPath = folder / "input.nrrd"
             self.writeVolume(volumeNode, inputPath)
             command, context = build(folder, inputPath)
-            job = jobs.Job(command, kind=kind, env=self.jobEnvironment(), cwd=str(folder), temp_dir=folder)
+            job = jobs.Job(command, kind=kind, env=self.jobEnvironment(), cwd=str(folder), temp_dir=folder,
+                           stop_file=context.pop("stopFile", None))
             job.context.update(volumeNode=volumeNode, **context)
             job.start()
         except Exception:
@@ -1352,16 +1461,8 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         Returns {"adapter": path of the kept adapter, "record": the job record, "segmentIds": updated
         or added segment ids, "segmentationNode": the painted node}.
         """
-        import shutil
-
         result = self._checkFinished(job)
-        learned = Path(result.outputs.get("adapter") or job.context["adapter"])
-        record = results.adapter_record(learned)
-        folder = self.adaptersFolder()
-        folder.mkdir(parents=True, exist_ok=True)
-        adapter = folder / learned.name
-        shutil.copyfile(learned, adapter)
-        (folder / (learned.name[: -len(".safetensors")] + ".json")).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        adapter, record = self._keepAdapter(Path(result.outputs.get("adapter") or job.context["adapter"]))
 
         segmentationNode = job.context["segmentationNode"]
         volumeNode = job.context["volumeNode"]
@@ -1371,6 +1472,88 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         segmentationNode.SetAttribute(results.MODEL_ATTRIBUTE, str(record.get("adapter", {}).get("id", "")))
         segmentationNode.SetAttribute(results.ADAPTER_ATTRIBUTE, str(adapter))
         return {"adapter": adapter, "record": record, "segmentIds": report.segment_ids, "report": report, "segmentationNode": segmentationNode}
+
+    def _keepAdapter(self, learned: Path) -> Tuple[Path, Dict[str, Any]]:
+        """Copy a job's adapter and its record out of the job folder into adaptersFolder()."""
+        import shutil
+
+        record = results.adapter_record(learned)
+        folder = self.adaptersFolder()
+        folder.mkdir(parents=True, exist_ok=True)
+        adapter = folder / learned.name
+        shutil.copyfile(learned, adapter)
+        (folder / (learned.name[: -len(".safetensors")] + ".json")).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        return adapter, record
+
+    def buildOtherPatientsCommand(self, folder: Path, pairs: List[Tuple[Any, Any]], name: str,
+                                  budgetMinutes: float = jobs.BUDGET_MINUTES_DEFAULT, device: str = "auto",
+                                  firstImage: Optional[Path] = None) -> Tuple[List[str], Dict[str, Any]]:
+        """Write each labelled volume and its segmentation (visible segments, whole-volume labels) into
+        `folder`; the `adapt --mode decoder --dense --budget-minutes` command and the job context.
+        `firstImage`: where the first volume has been written already."""
+        folder = Path(folder)
+        labelled, files = [], []
+        for index, (volumeNode, segmentationNode) in enumerate(pairs, start=1):
+            if volumeNode is None or segmentationNode is None or volumeNode.GetImageData() is None:
+                raise ValueError(_("Labelled volume {index}: choose a volume with image data and its segmentation.").format(index=index))
+            image = firstImage if index == 1 and firstImage is not None else folder / f"image-{index}.nrrd"
+            if image != firstImage:
+                self.writeVolume(volumeNode, image)
+            labelsPath = folder / f"labels-{index}.seg.nrrd"
+            painted = self.exportPaintedLabels(volumeNode, segmentationNode, labelsPath)
+            labelled.append((f"{volumeNode.GetName()} ({segmentationNode.GetName()})", painted.structures))
+            files.append((image, labelsPath))
+        try:
+            structures = results.common_structures(labelled)
+        except ValueError as err:
+            raise Med3DFMJobError(str(err)) from None
+        adapter = folder / results.adapter_file_name(name)
+        command = jobs.decoder_adapt_command(self.pythonExecutable(), files, name.strip(), adapter, budgetMinutes, device)
+        return command, {"name": name.strip(), "mode": "decoder", "adapter": adapter, "structures": structures,
+                         "volumes": len(files), "budgetMinutes": float(budgetMinutes), "stopFile": jobs.stop_file_for(adapter)}
+
+    def startLearnFromOtherPatients(self, pairs: List[Tuple[Any, Any]], name: str, budgetMinutes: float = jobs.BUDGET_MINUTES_DEFAULT,
+                                    device: str = "auto") -> "jobs.Job":
+        """Start `adapt --mode decoder` on labelled volumes ((volume node, segmentation node) pairs, the
+        same structure names in each) for `budgetMinutes`; poll job.poll(), then finishLearnFromOtherPatients(job).
+        job.stop_or_cancel() (Cancel) ends training early and keeps the best model so far."""
+        pairs = list(pairs or [])
+        if not pairs:
+            raise ValueError(_("Add at least one labelled volume (a volume and the segmentation with its structures)."))
+        self.checkAdapterName(name)
+
+        def build(folder: Path, inputPath: Path):
+            return self.buildOtherPatientsCommand(folder, pairs, name, budgetMinutes, device, firstImage=inputPath)
+
+        return self._startJob(jobs.DECODER_KIND, pairs[0][0], build)
+
+    def finishLearnFromOtherPatients(self, job: "jobs.Job") -> Dict[str, Any]:
+        """Keep the trained model (a job stopped by Cancel still wrote its best one) in adaptersFolder().
+        Returns {"adapter": the kept file, "record": the job record, "stoppedEarly": bool}; Save as model
+        (saveAdapter) makes it a Segment model for any volume."""
+        result = self._checkFinished(job)
+        adapter, record = self._keepAdapter(Path(result.outputs.get("adapter") or job.context["adapter"]))
+        return {"adapter": adapter, "record": record, "stoppedEarly": results.stopped_early(record)}
+
+    @staticmethod
+    def otherPatientsStatus(learned: Dict[str, Any]) -> str:
+        """The panel's status line for a finished other-patients job (finishLearnFromOtherPatients' result)."""
+        text = _("Done: {summary}.").format(summary=results.training_summary(learned["record"]))
+        if learned["stoppedEarly"]:
+            text += " " + _("Stopped early: the best model so far was kept.")
+        return text + " " + _("To apply it, click Save as model, then choose '{id}' in the Segment section and segment "
+                              "any volume.").format(id=learned["record"].get("adapter", {}).get("id", ""))
+
+    def learnFromOtherPatients(self, pairs: List[Tuple[Any, Any]], name: str, budgetMinutes: float = jobs.BUDGET_MINUTES_DEFAULT,
+                               device: str = "auto", save: bool = True, timeout: Optional[float] = None) -> Path:
+        """Train on labelled volumes synchronously (scripts, tests); the adapter file (in the model folder when `save`)."""
+        job = self.startLearnFromOtherPatients(pairs, name, budgetMinutes, device)
+        try:
+            job.wait(timeout=timeout)
+            learned = self.finishLearnFromOtherPatients(job)
+        finally:
+            job.cleanup()
+        return self.saveAdapter(learned["adapter"]) if save else learned["adapter"]
 
     def applyLearnedSegments(self, output: Path, volumeNode, segmentationNode, structures: List[str]) -> "results.SegmentMerge":
         """Replace the painted structures (matched by name) with the full result; add any that are missing.

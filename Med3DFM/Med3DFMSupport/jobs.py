@@ -29,6 +29,12 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 CLI_MODULE = "Med3DFMLib.cli"
 DEVICES = ("auto", "cpu", "cuda")
 ADAPT_MODES = ("adapter", "prototype")  # adapter: a small trained MLP; prototype: the training-free instant guess
+# "Other patients": `adapt --mode decoder --dense --budget-minutes N` on several labelled volumes.
+DECODER_KIND = "adapt-decoder"  # the Job kind (its stage table below)
+BUDGET_MINUTES_DEFAULT = 3.0
+BUDGET_MINUTES_RANGE = (0.5, 120.0)  # what the panel's spin box offers
+# Cancel of a job that can stop early: how long it may take to write its best model before it is killed.
+STOP_GRACE_S = 60.0
 
 # Where each stage of a command sits in the overall progress bar: stage -> (start, end).
 STAGE_SPANS: Dict[str, Dict[str, Tuple[float, float]]] = {
@@ -51,6 +57,16 @@ STAGE_SPANS: Dict[str, Dict[str, Tuple[float, float]]] = {
         "features": (0.05, 0.30),
         "train": (0.30, 0.92),
         "segment": (0.92, 0.99),
+        "done": (1.0, 1.0),
+    },
+    # `adapt --mode decoder`: training runs for the whole time budget; preparing the volumes and
+    # writing the model are short.
+    DECODER_KIND: {
+        "load": (0.0, 0.04),
+        "download": (0.0, 0.04),
+        "prepare": (0.04, 0.08),
+        "train": (0.08, 0.97),
+        "segment": (0.97, 0.99),
         "done": (1.0, 1.0),
     },
     # `classify` (one scan): encoder features dominate; the adapter and the heatmap are quick
@@ -147,6 +163,55 @@ def adapt_command(
         if not str(segment).lower().endswith(".seg.nrrd"):
             raise ValueError(f"the segmentation output must end in .seg.nrrd: {segment}")
         command += ["--segment", str(segment)]
+    if encoder:
+        command += ["--encoder", str(encoder)]
+    if registry:
+        command += ["--registry", str(registry)]
+    if seed is not None:
+        command += ["--seed", str(int(seed))]
+    return command + ["--progress", "json"]
+
+
+def stop_file_for(output: Path) -> Path:
+    """The file whose appearance asks a running `adapt --mode decoder` to stop training and write the best
+    model so far (the library's rule: the output's name + ".stop")."""
+    return Path(str(output) + ".stop")
+
+
+def decoder_adapt_command(
+    python: str,
+    pairs: Sequence[Tuple[Path, Path]],
+    name: str,
+    output: Path,
+    budget_minutes: float = BUDGET_MINUTES_DEFAULT,
+    device: str = "auto",
+    encoder: Optional[str] = None,
+    registry: Optional[str] = None,
+    seed: Optional[int] = None,
+) -> List[str]:
+    """"Other patients": `... adapt --image A --labels A.seg.nrrd --image B --labels B.seg.nrrd ... --mode decoder
+    --dense --budget-minutes N --name NAME -o ADAPTER --progress json` (labels cover whole volumes)."""
+    if not name or not name.strip():
+        raise ValueError("the new structure needs a name")
+    if not pairs:
+        raise ValueError("learning for other patients needs at least one labelled volume")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if not str(output).endswith(".safetensors"):
+        raise ValueError(f"the adapter file must end in .safetensors: {output}")
+    try:
+        budget = float(budget_minutes)
+    except (TypeError, ValueError):
+        raise ValueError(f"the time budget must be a number of minutes, not {budget_minutes!r}") from None
+    if not budget > 0:
+        raise ValueError(f"the time budget must be above 0 minutes (got {budget_minutes})")
+    command = [python, "-m", CLI_MODULE, "adapt"]
+    for image, labels in pairs:
+        if not str(labels).lower().endswith(".seg.nrrd"):
+            raise ValueError(f"the labels must be a .seg.nrrd: {labels}")
+        command += ["--image", str(image), "--labels", str(labels)]
+    command += ["--mode", "decoder", "--dense", "--budget-minutes", f"{budget:g}", "--name", name.strip(), "-o", str(output),
+                "--device", device]
     if encoder:
         command += ["--encoder", str(encoder)]
     if registry:
@@ -297,13 +362,20 @@ class Job:
     """One background process running the library's CLI, with progress, cancel and a temporary folder.
 
     `temp_dir` (created by the caller, holding the job's inputs and outputs) is removed by `cleanup()`.
+    `stop_file`: a job that can end early and still write its result (`adapt --mode decoder`): Cancel
+    (`stop_or_cancel()`) creates this file and gives the job `stop_grace_s` seconds to finish on its own;
+    `poll()` kills it only if it has not ended by then.
     """
 
     STDERR_LINES_KEPT = 400
 
     def __init__(self, command: Sequence[str], kind: str = "segment", env: Optional[Mapping[str, str]] = None,
-                 cwd: Optional[str] = None, temp_dir: Optional[Path] = None) -> None:
+                 cwd: Optional[str] = None, temp_dir: Optional[Path] = None, stop_file: Optional[Path] = None,
+                 stop_grace_s: float = STOP_GRACE_S) -> None:
         self.command = [str(c) for c in command]
+        self.stop_file = Path(stop_file) if stop_file is not None else None
+        self.stop_grace_s = float(stop_grace_s)
+        self.stop_requested_at: Optional[float] = None
         self.kind = kind
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -386,6 +458,9 @@ class Job:
                 self._text.append(event.message)
             new.append(event)
         self.events.extend(new)
+        if self.stop_overdue:
+            self.cancel()
+            self._error = f"the job did not stop within {self.stop_grace_s:.0f} s and was ended"
         if self.finished and self._finished_at is None:
             for thread in self._threads:
                 thread.join(timeout=5)
@@ -406,6 +481,42 @@ class Job:
                 self.cancel()
                 self._error = f"the job took longer than {timeout:.0f} s and was stopped"
             time.sleep(interval)
+
+    @property
+    def can_stop_early(self) -> bool:
+        """Whether Cancel keeps the best result so far (the job has a stop file)."""
+        return self.stop_file is not None
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for and the job is still finishing on its own."""
+        return self.stop_requested_at is not None and not self.cancelled and not self.finished
+
+    @property
+    def stop_overdue(self) -> bool:
+        """A stop was asked for more than `stop_grace_s` ago and the process still runs."""
+        return (self.stop_requested_at is not None and not self.cancelled and self.process is not None
+                and self.process.poll() is None and time.monotonic() - self.stop_requested_at > self.stop_grace_s)
+
+    def request_stop(self) -> bool:
+        """Create the stop file (the job ends early and writes its best result); False if the job has none."""
+        if self.stop_file is None:
+            return False
+        if self.process is None or self.process.poll() is not None:
+            return True  # already ended: nothing to ask
+        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        self.stop_file.touch()
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        return True
+
+    def stop_or_cancel(self) -> bool:
+        """What Cancel does: a job with a stop file is asked to stop and keep its best result (True); any
+        other job, or one asked before (a second Cancel), is killed (False)."""
+        if self.stop_requested_at is None and self.request_stop():
+            return True
+        self.cancel()
+        return False
 
     def cancel(self) -> None:
         """End the process and everything it started."""

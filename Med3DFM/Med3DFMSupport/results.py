@@ -211,14 +211,48 @@ def training_summary(record: Mapping[str, Any]) -> str:
     dice = training.get("held_out_dice")
     if isinstance(dice, (int, float)):
         parts.append(f"held-out Dice {dice:.2f}")
-    if training.get("mode"):
-        parts.append(str(training["mode"]))
+    mode = training.get("mode") or (record.get("parameters") or {}).get("mode")
+    if mode:
+        parts.append(str(mode))
+    if isinstance(training.get("steps"), int) and training.get("stopped_by"):
+        parts.append(f"{training['steps']} steps")
+    if stopped_early(record):
+        parts.append("stopped early (best model so far)")
     seconds = (record.get("timings_s") or {}).get("total")
     if isinstance(seconds, (int, float)):
         parts.append(f"{seconds:.0f} s")
     if record.get("feature_cache_hits"):
         parts.append("features from cache")
     return ", ".join(parts)
+
+
+def stopped_early(record: Mapping[str, Any]) -> bool:
+    """Whether an `adapt --mode decoder` job ended before its time budget because the user asked (Cancel)."""
+    return ((record.get("training") or {}).get("stopped_by")) == "user"
+
+
+def common_structures(labelled: Sequence[Tuple[str, Sequence[str]]]) -> List[str]:
+    """The structure names shared by every labelled volume ("other patients"), in the first one's order.
+
+    `labelled`: (what to call the volume in a message, its structure names). Every volume must label the
+    same structures (matched by name, as `adapt` merges them); otherwise the error names the difference.
+    """
+    if not labelled:
+        raise ValueError("add at least one labelled volume (a volume and the segmentation with its structures)")
+    first_label, first = labelled[0]
+    names = [n.strip() for n in first]
+    for label, other in labelled[1:]:
+        others = [n.strip() for n in other]
+        missing = [n for n in names if n not in others]
+        extra = [n for n in others if n not in names]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"has no {', '.join(repr(n) for n in missing)}")
+            if extra:
+                parts.append(f"has {', '.join(repr(n) for n in extra)} that {first_label} has not")
+            raise ValueError(f"every labelled volume must have the same structures (segment names): {label} {' and '.join(parts)}")
+    return names
 
 
 # --- painted segments -> one .seg.nrrd ----------------------------------------------------------------

@@ -64,7 +64,7 @@ def run_explain(
             raise Med3DFMError("--roi applies to classification models only")
         if method not in SEGMENT_METHODS:
             raise Med3DFMError(f"unknown explain method {method!r} for a segmentation model; use {' or '.join(SEGMENT_METHODS)}")
-        from Med3DFMLib.explain.segmentation import ModelExplainer, PointAdapterExplainer, segmentation_heatmap
+        from Med3DFMLib.explain.segmentation import DecoderAdapterExplainer, ModelExplainer, PointAdapterExplainer, segmentation_heatmap
 
         names = {int(entry["value"]): str(entry["name"]) for entry in card.get("labels", [])}
         if card.get("task") == "segment":
@@ -72,14 +72,17 @@ def run_explain(
 
             spec = InputSpec.from_card(card["input"])
             explainer: Any = ModelExplainer(load_segmentation_model(tensors, card), spec.window[::-1], device)
-        elif card.get("task") == "adapter" and card.get("architecture", {}).get("type") == "point-adapter":
+        elif card.get("task") == "adapter" and card.get("architecture", {}).get("type") in ("point-adapter", "feature-decoder"):
             from Med3DFMLib.fewshot.adapt import load_adapter_model, load_encoder
             from Med3DFMLib.registry import check_adapter_encoder
 
             encoder = load_encoder(card["encoder"]["id"], registry, progress)
             check_adapter_encoder(card, encoder.sha256)
             spec = InputSpec.from_card(card["input"])
-            explainer = PointAdapterExplainer(load_adapter_model(tensors, card), encoder, device)
+            if card["architecture"]["type"] == "feature-decoder":
+                explainer = DecoderAdapterExplainer(load_adapter_model(tensors, card), encoder.module, device)
+            else:
+                explainer = PointAdapterExplainer(load_adapter_model(tensors, card), encoder, device)
         else:
             raise Med3DFMError(f"model {resolved.id} is a {card.get('task')!r} model; explain needs a segmentation model, a few-shot adapter or a classification adapter")
         index = _target_index(target, names)

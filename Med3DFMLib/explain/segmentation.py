@@ -70,11 +70,7 @@ class ModelExplainer:
             crop = torch.from_numpy(data[where].copy())[None, None].to(self.device)
             mask = torch.from_numpy(weight[where].copy()).to(self.device)
             with torch.enable_grad():
-                out = self.model.encoder(crop)
-                fused = out.pyramid[1:]
-                for level in fused:
-                    level.retain_grad()
-                logits = self.model.decoder(out.pyramid, crop.shape[2:])
+                logits, fused = self._logits_and_fused_levels(crop)
                 (logits[0, target] * mask).sum().backward()
             for index, level in enumerate(fused):
                 cam = _cam(level[0].detach(), level.grad[0])
@@ -84,11 +80,46 @@ class ModelExplainer:
         crop_back = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
         return _combine([level[crop_back] / counts[crop_back] for level in levels])
 
+    def _logits_and_fused_levels(self, crop: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Logits of one window and the fused encoder levels (strides 4, 8, 16) whose gradients Grad-CAM reads."""
+        out = self.model.encoder(crop)
+        fused = out.pyramid[1:]
+        for level in fused:
+            level.retain_grad()
+        return self.model.decoder(out.pyramid, crop.shape[2:]), fused
+
     def score(self, region: np.ndarray, target: int):
         def score(array: np.ndarray) -> float:
             return float((self.probabilities(array)[target] * region).sum())
 
         return score
+
+
+class DecoderAdapterExplainer(ModelExplainer):
+    """A few-shot decoder adapter (fewshot.decoder) over the frozen encoder: same maps, its own forward."""
+
+    def __init__(self, decoder: torch.nn.Module, encoder: torch.nn.Module, device: torch.device, window: int = 96) -> None:
+        self.decoder, self.encoder = decoder.eval().to(device), encoder.eval().to(device)
+        super().__init__(self.decoder, (window, window, window), device)
+
+    def probabilities(self, array: np.ndarray) -> np.ndarray:
+        from Med3DFMLib.fewshot.decoder import predict_volume
+
+        return predict_volume(self.encoder, self.decoder, array)
+
+    def gradcam(self, array: np.ndarray, region: np.ndarray, target: int) -> np.ndarray:
+        multiple = self.encoder.config.window_multiple
+        self.window = [min(int(np.ceil(s / multiple) * multiple), w) for s, w in zip(array.shape, (96, 96, 96))]
+        return super().gradcam(array, region, target)
+
+    def _logits_and_fused_levels(self, crop: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        out = self.encoder(crop)
+        fused = out.pyramid[1:]
+        for level in fused:
+            level.retain_grad()
+        tokens = out.tokens.transpose(1, 2).reshape(crop.shape[0], -1, *out.token_grid)
+        levels = [out.pyramid[0], out.pyramid[1], out.pyramid[2], torch.cat([out.pyramid[3], tokens], 1)]
+        return self.decoder(crop, levels), fused
 
 
 class PointAdapterExplainer:

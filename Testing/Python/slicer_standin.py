@@ -589,6 +589,7 @@ def install() -> types.ModuleType:
 
     wrapper.Default = type("Default", (_Annotation,), {})
     wrapper.Choice = type("Choice", (_Annotation,), {})
+    wrapper.WithinRange = type("WithinRange", (_Annotation,), {})  # validators.WithinRange(minimum, maximum)
     wrapper.parameterNodeWrapper = lambda cls: cls
 
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")

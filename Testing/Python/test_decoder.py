@@ -35,11 +35,11 @@ def _pairs(data_dir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
-    """Two labelled patients, dense labels, `--mode auto` (→ decoder), a 30-second budget."""
+    """Two labelled patients, dense labels, `--mode auto` (→ decoder), a one-minute budget."""
     folder = tmp_path_factory.mktemp("decoder")
     out = folder / "hippocampus.safetensors"
     started = time.perf_counter()
-    assert main(["adapt", *_pairs(data_dir), "--name", "hippocampus", "--dense", "--budget-minutes", "0.5", "-o", str(out), "--progress", "none", "--device", "cpu"]) == 0
+    assert main(["adapt", *_pairs(data_dir), "--name", "hippocampus", "--dense", "--budget-minutes", "1", "-o", str(out), "--progress", "none", "--device", "cpu"]) == 0
     return folder, out, time.perf_counter() - started
 
 
@@ -53,7 +53,7 @@ def test_decoder_segments_a_patient_it_never_saw(trained, data_dir, tmp_path):
     # Two labels from the plain label maps ("label 1", "label 2": --name names only a single structure)
     assert [s["name"] for s in seg["segments"]] == ["label 1", "label 2"]
     scores = [_dice(predicted == v, truth == v) for v in (1, 2)]
-    # Measured 0.4–0.55 after 30 s from two patients on 2 threads: far from good, far from chance.
+    # From two patients in one minute: far from good, far from chance (an untrained decoder scores ≈ 0.1).
     assert min(scores) > 0.25, scores
 
 
@@ -65,7 +65,7 @@ def test_decoder_card_says_how_it_was_trained(trained):
     assert 100_000 < trainable <= 1_000_000
     summary = card["training"]["summary"]
     assert summary["mode"] == "decoder" and summary["stopped_by"] == "budget" and summary["steps"] > 10
-    assert 29 <= summary["seconds"] <= 40 and seconds < 90  # the budget bounds the training time
+    assert 59 <= summary["seconds"] <= 70 and seconds < 120  # the budget bounds the training time
     assert summary["held_out_volumes"] == 0  # fewer than 4 volumes: nothing held out, the last state is kept
     record = json.loads((out.parent / "hippocampus.json").read_text())
     assert record["parameters"]["mode"] == "auto: decoder" and record["training"]["steps"] == summary["steps"]
@@ -89,23 +89,34 @@ def test_a_stop_file_ends_training_early_and_keeps_the_model(data_dir, tmp_path)
 
 
 def test_augmentation_moves_the_labels_with_the_image(data_dir):
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "hippocampus" / "images" / f"{TRAIN[0]}.nii.gz"))).astype(np.float32)
+    """The label map given as the image too: after any augmentation draw, the moved image (rounded)
+    and the moved labels must still agree (intensity changes stay well within ±0.5 of a label value)."""
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "hippocampus" / "labels" / f"{TRAIN[0]}.nii.gz"))).astype(np.float32)
-    # A label that is a function of the image (bright voxels): after any augmentation draw the
-    # label must still mark the same voxels of the moved image (intensity changes are monotone).
-    bright = (image > np.percentile(image, 90)).astype(np.float32)
     transform = augmentation([2], seed=3)
-    agreements, changed = [], 0
-    for _ in range(6):
-        out = transform({"image": torch.from_numpy(image[None].copy()), "label": torch.from_numpy(np.stack([bright, labels]))})
-        moved_image = np.asarray(out["image"])[0]
-        moved_bright = np.asarray(out["label"])[0] > 0.5
-        threshold = np.percentile(moved_image, 90)
-        agreements.append(_dice(moved_bright, moved_image > threshold))
-        changed += int(not np.array_equal(moved_bright, bright > 0.5))
-        assert set(np.unique(np.asarray(out["label"])[1])) <= {0.0, 1.0, 2.0}  # nearest neighbour: no new label values
-    assert changed >= 3 and min(agreements) > 0.8, agreements
+    agreements, unmoved = [], []
+    for _ in range(8):
+        out = transform({"image": torch.from_numpy(labels[None].copy()), "label": torch.from_numpy(labels[None].copy())})
+        moved_labels = np.asarray(out["label"])[0]
+        moved_image = np.rint(np.asarray(out["image"])[0])
+        assert set(np.unique(moved_labels)) <= {0.0, 1.0, 2.0}  # nearest neighbour: no new label values
+        agreements.append(min(_dice(moved_image == v, moved_labels == v) for v in (1.0, 2.0)))
+        unmoved.append(min(_dice(labels == v, moved_labels == v) for v in (1.0, 2.0)))
+    # Bilinear against nearest-neighbour resampling differs on the boundary of these thin structures
+    # (measured 0.74–0.84); labels drawn apart from the image would agree no better than the unmoved map.
+    assert min(agreements) > 0.7 and np.mean(agreements) > np.mean(unmoved) + 0.1, (agreements, unmoved)
 
 
 def test_lateralised_names_forbid_left_right_flips():
     assert lateralised(["left kidney"]) and lateralised(["Kidney_R", "r"]) and not lateralised(["liver", "anterior hippocampus"])
+
+
+def test_explain_writes_a_map_for_a_decoder_adapter(trained, data_dir, tmp_path):
+    """Grad-CAM of a decoder adapter: a map in [0, 1] on the input grid that is not flat (whether it
+    points at the structure is measured by the heatmap evaluation, not here)."""
+    _, out, _ = trained
+    image = data_dir / "hippocampus" / "images" / f"{TEST}.nii.gz"
+    heat = tmp_path / "heat.nrrd"
+    assert main(["explain", str(image), "--model", str(out), "--target", "label 1", "-o", str(heat), "--method", "gradcam", "--progress", "none", "--device", "cpu"]) == 0
+    heatmap = sitk.GetArrayFromImage(sitk.ReadImage(str(heat)))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "hippocampus" / "labels" / f"{TEST}.nii.gz"))) > 0
+    assert heatmap.shape == truth.shape and 0.0 <= heatmap.min() and heatmap.max() <= 1.0 and heatmap.std() > 0.01

@@ -369,6 +369,110 @@ def test_diagnostics_text_has_versions_paths_and_the_last_error():
     assert "surely-not-installed-pkg: not installed" in text and "numpy: " in text
 
 
+def test_other_patients_command_is_accepted_by_the_cli(tmp_path):
+    from Med3DFMLib.cli import build_parser
+    from Med3DFMLib.fewshot.adapt import stop_file_for
+
+    pairs = [(tmp_path / "a.nrrd", tmp_path / "a.seg.nrrd"), (tmp_path / "b.nrrd", tmp_path / "b.seg.nrrd")]
+    output = tmp_path / "left-atrium.safetensors"
+    command = jobs.decoder_adapt_command("py", pairs, " left atrium ", output, 7.5, "cpu")
+    assert command[:4] == ["py", "-m", "Med3DFMLib.cli", "adapt"] and command[-2:] == ["--progress", "json"]
+    args = build_parser().parse_args(command[3:])
+    assert list(zip(args.image, args.labels)) == pairs
+    assert (args.mode, args.dense, args.budget_minutes, args.name, args.output, args.device, args.segment) == ("decoder", True, 7.5, "left atrium", output, "cpu", None)
+    assert build_parser().parse_args(jobs.decoder_adapt_command("py", pairs[:1], "x", "x.safetensors")[3:]).budget_minutes == jobs.BUDGET_MINUTES_DEFAULT == 3.0
+    assert jobs.BUDGET_MINUTES_RANGE == (0.5, 120.0)
+    for bad in ({"pairs": []}, {"name": " "}, {"budget_minutes": 0}, {"budget_minutes": "soon"}, {"device": "gpu"}, {"output": "x.pt"},
+                {"pairs": [("a.nrrd", "a.nii.gz")]}):
+        arguments = {"python": "py", "pairs": pairs, "name": "x", "output": "x.safetensors", **bad}
+        with pytest.raises(ValueError):
+            jobs.decoder_adapt_command(**arguments)
+    # Cancel's stop file is the library's: OUTPUT + ".stop"
+    assert jobs.stop_file_for(output) == stop_file_for(output) == Path(str(output) + ".stop")
+    # decoder progress: "train" is a fraction of the budget, most of the bar
+    spans = jobs.STAGE_SPANS[jobs.DECODER_KIND]
+    overall = [jobs.parse_progress_line(json.dumps({"stage": s, "fraction": 0.5}), jobs.DECODER_KIND).overall for s in ("load", "prepare", "train", "segment")]
+    assert overall == sorted(overall) and spans["train"][1] - spans["train"][0] > 0.8
+
+
+def test_labelled_volumes_must_share_their_structures():
+    assert results.common_structures([("A", ["anterior", "posterior"]), ("B", ["posterior", "anterior"])]) == ["anterior", "posterior"]
+    with pytest.raises(ValueError, match="B has no 'posterior'"):
+        results.common_structures([("A", ["anterior", "posterior"]), ("B", ["anterior"])])
+    with pytest.raises(ValueError, match="'tail' that A has not"):
+        results.common_structures([("A", ["anterior"]), ("B", ["anterior", "tail"])])
+    with pytest.raises(ValueError, match="at least one"):
+        results.common_structures([])
+    record = {"command": "adapt", "adapter": {"classes": ["a", "b"]}, "parameters": {"mode": "decoder"},
+              "training": {"held_out_dice": None, "steps": 40, "stopped_by": "user"}, "timings_s": {"total": 31.0}}
+    assert results.stopped_early(record) and not results.stopped_early({"training": {"stopped_by": "budget"}})
+    assert results.training_summary(record) == "2 structure(s), decoder, 40 steps, stopped early (best model so far), 31 s"
+
+
+def _stoppable_script(tmp_path, honours_stop: bool) -> Path:
+    """A stand-in for `adapt --mode decoder`: reports progress until OUTPUT.stop appears (or forever)."""
+    script = tmp_path / ("stops.py" if honours_stop else "ignores.py")
+    script.write_text(textwrap.dedent(f"""
+        import json, os, sys, time
+        output = sys.argv[1]
+        step = 0
+        while not ({honours_stop} and os.path.exists(output + ".stop")):
+            step += 1
+            print(json.dumps({{"stage": "train", "fraction": min(1.0, step / 1000), "message": f"step {{step}}"}}), flush=True)
+            time.sleep(0.05)
+        os.remove(output + ".stop")
+        open(output, "w").write("best so far")
+        print(json.dumps({{"stage": "done", "fraction": 1.0, "outputs": {{"adapter": output}}}}), flush=True)
+    """))
+    return script
+
+
+def _first_progress(job, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e.kind == "progress" for e in job.poll()):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no progress line")
+
+
+def test_cancel_with_a_stop_file_keeps_the_result(tmp_path):
+    output = tmp_path / "job" / "m.safetensors"
+    output.parent.mkdir()
+    job = jobs.Job([sys.executable, str(_stoppable_script(tmp_path, True)), str(output)], kind=jobs.DECODER_KIND, temp_dir=output.parent,
+                   stop_file=jobs.stop_file_for(output)).start()
+    assert job.can_stop_early and not job.stopping
+    _first_progress(job)
+    assert job.stop_or_cancel() is True  # asked to stop, not killed
+    assert job.stopping and job.stop_file.exists() and not job.cancelled
+    result = job.wait(timeout=30)
+    assert result.ok and not result.cancelled and result.outputs["adapter"] == str(output)
+    assert output.read_text() == "best so far" and not job.stop_file.exists() and not job.stopping
+    job.cleanup()
+
+    # a job that does not stop within the grace time is killed; a second Cancel kills at once
+    output = tmp_path / "late" / "m.safetensors"
+    output.parent.mkdir()
+    job = jobs.Job([sys.executable, str(_stoppable_script(tmp_path, False)), str(output)], kind=jobs.DECODER_KIND,
+                   stop_file=jobs.stop_file_for(output), stop_grace_s=1.0).start()
+    _first_progress(job)
+    started = time.monotonic()
+    assert job.stop_or_cancel() is True
+    result = job.wait(timeout=30)
+    assert result.cancelled and not result.ok and 1.0 <= time.monotonic() - started < 15
+    assert "did not stop within 1 s" in result.error and not output.exists()
+    job = jobs.Job([sys.executable, str(_stoppable_script(tmp_path, False)), str(output)], stop_file=jobs.stop_file_for(output)).start()
+    _first_progress(job)
+    assert job.stop_or_cancel() is True and job.stop_or_cancel() is False
+    assert job.wait(timeout=30).cancelled
+
+    # a job without a stop file ("this scan") is killed as before
+    job = jobs.Job([sys.executable, str(_stoppable_script(tmp_path, True)), str(tmp_path / "x.safetensors")]).start()
+    _first_progress(job)
+    assert not job.can_stop_early and job.stop_or_cancel() is False
+    assert job.wait(timeout=30).cancelled
+
+
 # --- the job runner ---------------------------------------------------------------------------------
 
 def test_cancel_ends_the_whole_process_tree(tmp_path):
@@ -821,6 +925,126 @@ def test_logic_refuses_unusable_learning_requests(module, hippocampus_case):
     with pytest.raises(module.Med3DFMJobError, match="no segment with id"):
         logic.learnFromLabels(volume, node, "x", device="cpu", segmentIds=["missing"], timeout=60)
     assert set(Path(slicer.app.temporaryPath).iterdir()) == before  # no job folder left behind
+
+
+def _labelled_volume(slicer_standin, image_path, labels_path, names=("anterior hippocampus", "posterior hippocampus")):
+    """A volume node and a segmentation node holding its whole-volume labels, one segment per structure."""
+    slicer = slicer_standin.slicer
+    volume = slicer.util.loadVolume(str(image_path))
+    full = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(str(labels_path)))
+    ijk_to_ras = slicer_standin._matrix_to_numpy(volume._ijk_to_ras)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} labels")
+    segmentation.CreateDefaultDisplayNodes()
+    for value, name in enumerate(names, start=1):
+        segmentation.GetSegmentation().AddSegment(slicer_standin.Segment(name, (0.3 * value, 0.5, 0.2), (full == value).astype(np.uint8), ijk_to_ras), f"Segment_{value}")
+    return volume, segmentation
+
+
+@pytest.fixture()
+def other_patients():
+    import slicer_standin
+
+    folder = ROOT / "Testing" / "Data" / "hippocampus"
+    return [_labelled_volume(slicer_standin, folder / "images" / f"hippocampus_{case}.nii.gz", folder / "labels" / f"hippocampus_{case}.nii.gz")
+            for case in ("024", "035")]
+
+
+def test_logic_builds_the_other_patients_command(module, other_patients, tmp_path):
+    """Each labelled volume and its segmentation become an --image/--labels pair of `adapt --mode decoder --dense`."""
+    import slicer_standin
+    from Med3DFMLib.cli import build_parser
+    import SimpleITK as sitk
+    from Med3DFMLib.io.segmentations import read_labels
+
+    slicer = slicer_standin.slicer
+    logic = module.Med3DFMLogic()
+    command, context = logic.buildOtherPatientsCommand(tmp_path, other_patients, " hippocampus parts ", 4.5, "cpu")
+    args = build_parser().parse_args(command[3:])
+    assert args.image == [tmp_path / "image-1.nrrd", tmp_path / "image-2.nrrd"]
+    assert args.labels == [tmp_path / "labels-1.seg.nrrd", tmp_path / "labels-2.seg.nrrd"]
+    assert (args.mode, args.dense, args.budget_minutes, args.name, args.device) == ("decoder", True, 4.5, "hippocampus parts", "cpu")
+    assert args.output == tmp_path / "hippocampus-parts.safetensors" and args.segment is None
+    assert context["structures"] == ["anterior hippocampus", "posterior hippocampus"] and context["volumes"] == 2
+    assert context["stopFile"] == Path(str(args.output) + ".stop")
+    for (volume, _segmentation), image, labels in zip(other_patients, args.image, args.labels):
+        assert image.is_file() and labels.is_file()
+        written = read_labels(labels)
+        assert [s.name for s in written.segments] == ["anterior hippocampus", "posterior hippocampus"]
+        truth = slicer.util.arrayFromSegmentBinaryLabelmap(_segmentation, "Segment_2", volume) > 0
+        assert np.array_equal(sitk.GetArrayFromImage(written.image) == 2, truth)  # whole-volume labels, on the volume's grid
+    # the same structure names in every labelled volume, or a readable refusal before any job starts
+    renamed_volume, renamed = other_patients[1]
+    renamed.GetSegmentation().GetSegment("Segment_2").SetName("tail")
+    before = set(Path(slicer.app.temporaryPath).iterdir())
+    with pytest.raises(module.Med3DFMJobError, match="same structures"):
+        logic.startLearnFromOtherPatients(other_patients, "hippocampus parts", 0.2, "cpu")
+    with pytest.raises(ValueError, match="at least one labelled volume"):
+        logic.startLearnFromOtherPatients([], "hippocampus parts", 0.2, "cpu")
+    with pytest.raises(module.Med3DFMJobError, match="built-in model"):
+        logic.startLearnFromOtherPatients(other_patients, "Hippocampus MR demo", 0.2, "cpu")
+    assert set(Path(slicer.app.temporaryPath).iterdir()) == before
+
+
+def test_logic_learns_from_other_patients_within_the_budget(module, other_patients, hippocampus_case):
+    """A real short run (--budget-minutes 0.2) on two labelled volumes: the adapter, its record, the status
+    text; saved as a model it segments a third patient through the Segment path."""
+    import slicer_standin
+
+    slicer = slicer_standin.slicer
+    logic = module.Med3DFMLogic()
+    job = logic.startLearnFromOtherPatients(other_patients, "hippocampus others", 0.2, "cpu")
+    stages = []
+    try:
+        job.wait(timeout=600, on_event=lambda e: stages.append(e.stage))
+        learned = logic.finishLearnFromOtherPatients(job)
+    finally:
+        job.cleanup()
+    assert "prepare" in stages and stages[-1] == "done"  # "train" lines come every 5 steps: maybe none in 12 s on a busy CPU
+    adapter, record = learned["adapter"], learned["record"]
+    assert adapter.is_file() and adapter == logic.adaptersFolder() / "hippocampus-others.safetensors"
+    assert record["parameters"]["mode"] == "decoder" and record["parameters"]["dense"] and len(record["parameters"]["images"]) == 2
+    assert record["adapter"]["classes"] == ["anterior hippocampus", "posterior hippocampus"]
+    assert record["training"]["stopped_by"] == "budget" and record["training"]["steps"] > 0 and not learned["stoppedEarly"]
+    summary = results.training_summary(record)
+    assert summary.startswith("2 structure(s), decoder, ") and "steps" in summary and "stopped early" not in summary
+    status = logic.otherPatientsStatus(learned)
+    print("status:", status)
+    assert status.startswith(f"Done: {summary}.") and "Save as model" in status and "'hippocampus-others'" in status
+    assert "Stopped early" not in status
+
+    # "Save as model", then the Segment section: the new model segments another patient
+    saved = logic.saveAdapter(adapter)
+    assert saved.is_file() and ("hippocampus others (learned: hippocampus-others)", "hippocampus-others") in logic.segmentModelChoices()
+    volume = slicer.util.loadVolume(str(hippocampus_case[0]))
+    segmented, _table = logic.segment(volume, "hippocampus-others", device="cpu", timeout=300)
+    segmentation = segmented.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == record["adapter"]["classes"]
+
+
+def test_logic_cancel_keeps_the_best_model_so_far(module, other_patients):
+    """Cancel of an other-patients job: the stop file ends a 30-minute budget early; the adapter is written."""
+    from Med3DFMLib.weights import read_weights
+
+    logic = module.Med3DFMLogic()
+    job = logic.startLearnFromOtherPatients(other_patients, "hippocampus stopped", 30, "cpu")
+    try:
+        assert job.can_stop_early and job.stop_file == Path(str(job.context["adapter"]) + ".stop")
+        deadline = time.monotonic() + 600
+        while not any(e.stage == "train" for e in job.poll()):
+            assert job.running and time.monotonic() < deadline, job.stderr
+            time.sleep(0.2)
+        started = time.monotonic()
+        assert job.stop_or_cancel() is True and job.stopping
+        job.wait(timeout=120)
+        assert time.monotonic() - started < jobs.STOP_GRACE_S
+        learned = logic.finishLearnFromOtherPatients(job)
+    finally:
+        job.cleanup()
+    assert not job.cancelled and learned["stoppedEarly"]
+    _tensors, card = read_weights(learned["adapter"])
+    assert card["training"]["summary"]["stopped_by"] == "user" and card["architecture"]["type"] == "feature-decoder"
+    assert "stopped early (best model so far)" in results.training_summary(learned["record"])
+    assert "Stopped early: the best model so far was kept." in logic.otherPatientsStatus(learned)
 
 
 # --- Classify and Explain on the stand-in: node -> file -> real job -> table and heatmap overlay ----------
