@@ -147,14 +147,9 @@ def adapt_command(
     seed: Optional[int] = None,
 ) -> List[str]:
     """`PythonSlicer -m Med3DFMLib.cli adapt --image IMG --labels SEG --name NAME -o ADAPTER ... --progress json`."""
-    if not name or not name.strip():
-        raise ValueError("the new structure needs a name")
+    _check_adapt(name, device, output)
     if mode not in ADAPT_MODES:
         raise ValueError(f"mode must be one of {', '.join(ADAPT_MODES)}, not {mode!r}")
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if not str(output).endswith(".safetensors"):
-        raise ValueError(f"the adapter file must end in .safetensors: {output}")
     if not str(labels).lower().endswith(".seg.nrrd"):
         raise ValueError(f"the painted labels must be a .seg.nrrd: {labels}")
     command = [python, "-m", CLI_MODULE, "adapt", "--image", str(image), "--labels", str(labels), "--name", name.strip(),
@@ -163,13 +158,28 @@ def adapt_command(
         if not str(segment).lower().endswith(".seg.nrrd"):
             raise ValueError(f"the segmentation output must end in .seg.nrrd: {segment}")
         command += ["--segment", str(segment)]
+    return command + _adapt_options(encoder, registry, seed)
+
+
+def _check_adapt(name: str, device: str, output: Path) -> None:
+    if not name or not name.strip():
+        raise ValueError("the new structure needs a name")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if not str(output).endswith(".safetensors"):
+        raise ValueError(f"the adapter file must end in .safetensors: {output}")
+
+
+def _adapt_options(encoder: Optional[str], registry: Optional[str], seed: Optional[int]) -> List[str]:
+    """The optional tail both adapt commands share, and JSON progress."""
+    options = []
     if encoder:
-        command += ["--encoder", str(encoder)]
+        options += ["--encoder", str(encoder)]
     if registry:
-        command += ["--registry", str(registry)]
+        options += ["--registry", str(registry)]
     if seed is not None:
-        command += ["--seed", str(int(seed))]
-    return command + ["--progress", "json"]
+        options += ["--seed", str(int(seed))]
+    return options + ["--progress", "json"]
 
 
 def stop_file_for(output: Path) -> Path:
@@ -191,14 +201,9 @@ def decoder_adapt_command(
 ) -> List[str]:
     """"Other patients": `... adapt --image A --labels A.seg.nrrd --image B --labels B.seg.nrrd ... --mode decoder
     --dense --budget-minutes N --name NAME -o ADAPTER --progress json` (labels cover whole volumes)."""
-    if not name or not name.strip():
-        raise ValueError("the new structure needs a name")
+    _check_adapt(name, device, output)
     if not pairs:
         raise ValueError("learning for other patients needs at least one labelled volume")
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if not str(output).endswith(".safetensors"):
-        raise ValueError(f"the adapter file must end in .safetensors: {output}")
     try:
         budget = float(budget_minutes)
     except (TypeError, ValueError):
@@ -212,13 +217,7 @@ def decoder_adapt_command(
         command += ["--image", str(image), "--labels", str(labels)]
     command += ["--mode", "decoder", "--dense", "--budget-minutes", f"{budget:g}", "--name", name.strip(), "-o", str(output),
                 "--device", device]
-    if encoder:
-        command += ["--encoder", str(encoder)]
-    if registry:
-        command += ["--registry", str(registry)]
-    if seed is not None:
-        command += ["--seed", str(int(seed))]
-    return command + ["--progress", "json"]
+    return command + _adapt_options(encoder, registry, seed)
 
 
 def classify_command(
