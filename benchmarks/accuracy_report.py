@@ -39,14 +39,21 @@ DEFAULT_MODEL = ROOT / "Resources" / "models" / "hippocampus-mr-demo.safetensors
 DEFAULT_ENCODER = ROOT / "Resources" / "models" / "med3dfm-encoder-small.safetensors"
 DEFAULT_OUT = ROOT / "docs" / "accuracy.md"
 
-# Few-shot methods in the order of the tables; "ours" is the default adapter (pretrained encoder).
-OURS = "adapter-pretrained"
+# Few-shot methods in the order of the tables; "ours" is what the product does in each setting:
+# within one volume the this-scan path (`adapt --segment`), across volumes the decoder.
+OURS = {"within": "this-scan", "across": "decoder"}
 METHODS: Dict[str, str] = {
-    "adapter-pretrained": "**ours**: adapter, pretrained encoder",
+    "this-scan": "**ours**: this scan (adapter + outlines + edges)",
+    "decoder": "**ours**: decoder (other patients, budget)",
+    "adapter-pretrained": "point adapter alone, pretrained encoder",
     "prototype": "ours, prototype mode (training-free)",
     "adapter-random": "adapter, random-init encoder (ablation)",
     "unet": "MONAI BasicUNet from scratch (same time)",
+    "unet-3x": "MONAI BasicUNet from scratch (3× the time)",
+    "unet-aug": "MONAI BasicUNet from scratch, same loop and budget",
+    "unet-aug-3x": "MONAI BasicUNet from scratch, same loop, 3× budget",
     "random-walker": "random walker (3D)",
+    "fill-between-slices": "Fill between slices (Slicer)",
 }
 # A setting is "clearly" won or lost when the seed-means differ by more than the sum of the two seed
 # stds and by at least this much Dice (the criterion of docs/fewshot_eval.md).
@@ -234,13 +241,13 @@ def clear(ours: Sequence[float], other: Sequence[float]) -> int:
     return 0
 
 
-def loss_lines(settings: List[Tuple[str, Dict[str, List[float]]]], methods: Sequence[str]) -> List[str]:
+def loss_lines(settings: List[Tuple[str, Dict[str, List[float]]]], methods: Sequence[str], ours: str) -> List[str]:
     """Per baseline: in how many settings ours clearly wins/loses, naming the losses."""
     lines = []
     for method in methods:
-        if method == OURS:
+        if method == ours:
             continue
-        pairs = [(name, d[OURS], d[method]) for name, d in settings if d.get(OURS) and d.get(method)]
+        pairs = [(name, d[ours], d[method]) for name, d in settings if d.get(ours) and d.get(method)]
         if not pairs:
             continue
         verdicts = [(name, clear(a, b), a, b) for name, a, b in pairs]
@@ -313,10 +320,10 @@ def _rows(data: Dict[str, Any], key: str, fields: Sequence[str], source: str) ->
     return rows
 
 
-def _method_order(rows: Sequence[Dict[str, Any]]) -> List[str]:
+def _method_order(rows: Sequence[Dict[str, Any]], ours: str) -> List[str]:
     present = list(dict.fromkeys(r["method"] for r in rows))
-    if OURS not in present:
-        raise InputError(f"accuracy_report: no '{OURS}' runs in the few-shot results")
+    if ours not in present:
+        raise InputError(f"accuracy_report: no '{ours}' runs in the few-shot results")
     return [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
 
 
@@ -337,7 +344,7 @@ def _best(cells: Dict[str, List[float]]) -> str:
 def section_within(fewshot: Dict[str, Any], source: str) -> List[str]:
     """Few-shot inside one volume: k labelled slices, Dice on the other slices."""
     rows = _rows(fewshot, "within", ("task", "plane", "k", "method", "dice", "adapt_s", "segment_s"), source)
-    methods = _method_order(rows)
+    methods = _method_order(rows, OURS["within"])
     settings: Dict[Tuple[str, str, int], Dict[str, List[float]]] = {}
     for r in rows:
         settings.setdefault((r["task"], r["plane"], int(r["k"])), {}).setdefault(r["method"], []).append(float(r["dice"]))
@@ -366,7 +373,7 @@ def section_within(fewshot: Dict[str, Any], source: str) -> List[str]:
     lines += ["", "Time per run (mean over all structures, k and seeds):", ""]
     lines += _time_table(rows, methods, "segment_s", "segment (s, mean)")
     lines += ["", *peers_block("within"), "", f"**Where we lose, and to whom** (clearly = seed-means differ by more than the sum of the seed stds and by ≥ {CLEAR_MARGIN} Dice):"]
-    lines += loss_lines([(f"{t} k={k}", d) for (t, _, k), d in settings.items()], methods)
+    lines += loss_lines([(f"{t} k={k}", d) for (t, _, k), d in settings.items()], methods, OURS["within"])
     lines += [f"- {peer_sentence('within')}", ""]
     return lines
 
@@ -374,7 +381,7 @@ def section_within(fewshot: Dict[str, Any], source: str) -> List[str]:
 def section_across(fewshot: Dict[str, Any], source: str) -> List[str]:
     """Few-shot across volumes: n densely labelled training volumes, Dice on unseen test cases."""
     rows = _rows(fewshot, "across", ("task", "n", "method", "dice", "adapt_s", "segment_s_per_case"), source)
-    methods = _method_order(rows)
+    methods = _method_order(rows, OURS["across"])
     settings: Dict[int, Dict[str, List[float]]] = {}
     for r in rows:
         settings.setdefault(int(r["n"]), {}).setdefault(r["method"], []).append(float(r["dice"]))
@@ -400,7 +407,7 @@ def section_across(fewshot: Dict[str, Any], source: str) -> List[str]:
     ]
     lines += _time_table(rows, methods, "segment_s_per_case", "segment per case (s, mean)")
     lines += ["", *peers_block("across"), "", f"**Where we lose, and to whom** (clearly = as above, ≥ {CLEAR_MARGIN} Dice):"]
-    lines += loss_lines([(f"n={n}", d) for n, d in sorted(settings.items())], methods)
+    lines += loss_lines([(f"n={n}", d) for n, d in sorted(settings.items())], methods, OURS["across"])
     lines += [f"- {peer_sentence('across')}", ""]
     return lines
 

@@ -167,7 +167,7 @@ def run(structures: Sequence[str], seeds: Sequence[int], k: int, log: Callable[[
                     for seed in [int(encoder_key.split("-")[1])] if encoder == RANDOM else seeds:
                         tick = time.perf_counter()
                         model, _, detail = lib.fit(mode, [image], [task.image], [supervision], encoder_key, seed)
-                        labels, _ = lib.segment(model, task.image, image, encoder_key)
+                        labels, _, _ = lib.segment(model, task.image, image, encoder_key)
                         value = fewshot.dice(labels[score_index] == 1, truth[score_index])
                         row = {"task": task.name, "k": k, "encoder": encoder, "encoder_key": encoder_key, "mode": mode, "features": name, "seed": seed,
                                "dice": None if value is None else round(value, 4), "best_step": detail.get("best_step"), "seconds": round(time.perf_counter() - tick, 2)}
@@ -207,7 +207,7 @@ def run_across(lib: Any, labels_: Sequence[str], n: int, seeds: Sequence[int], t
                 model, _, detail = lib.fit(mode, [image for image, _ in loaded], [folder / "images" / name for name in names], supervisions, encoder_key, seed)
                 scores = []
                 for name, (image, truth) in tests.items():
-                    predicted, _ = lib.segment(model, folder / "images" / name, image, encoder_key)
+                    predicted, _, _ = lib.segment(model, folder / "images" / name, image, encoder_key)
                     scores.append(float(np.mean([fewshot.dice(predicted == c, truth == c) or 0.0 for c in (1, 2)])))
                 row = {"task": task, "k": None, "labelled_crops": n, "encoder": encoder, "encoder_key": encoder_key, "mode": mode, "features": "all", "seed": seed,
                        "dice": round(float(np.mean(scores)), 4), "best_step": detail.get("best_step"), "train_cases": names, "test_cases": chosen}

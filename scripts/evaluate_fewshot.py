@@ -53,14 +53,23 @@ import numpy as np  # noqa: E402
 
 DATA = Path(os.environ.get("MED3DFM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DEFAULT_STRUCTURES = "liver,right kidney,hippocampus (brain),brain1 tumour,hippocampus crop"
-METHODS = ["adapter-pretrained", "adapter-random", "prototype", "unet", "random-walker"]
+METHODS = ["this-scan", "decoder", "adapter-pretrained", "adapter-random", "prototype", "unet", "unet-3x", "unet-aug", "unet-aug-3x", "random-walker", "fill-between-slices"]
 LABELS = {
+    "this-scan": "Med3DFM this scan (adapter + outlines + edges)",
+    "decoder": "Med3DFM decoder (other patients, budget)",
     "adapter-pretrained": "adapter, pretrained encoder",
     "adapter-random": "adapter, random-init encoder",
     "prototype": "prototype, pretrained encoder",
     "unet": "BasicUNet from scratch (same time)",
+    "unet-3x": "BasicUNet from scratch (3× the time)",
+    "unet-aug": "BasicUNet from scratch, same training loop and budget",
+    "unet-aug-3x": "BasicUNet from scratch, same loop, 3× the budget",
     "random-walker": "random walker (3D)",
+    "fill-between-slices": "Fill between slices (Slicer, ITK)",
 }
+# The method each comparison is about: within one volume the this-scan path (what `adapt --segment`
+# writes), across volumes the adapter itself.
+PRIMARY = {"within": "this-scan", "across": "decoder"}
 MAX_WORK_VOXELS = 2_000_000  # U-Net and random walker grids above this are downsampled in-plane
 
 
@@ -249,15 +258,24 @@ class Lib:
         detail.update({"features_s": round(feature_seconds, 3), "train_s": round(train_seconds, 3)})
         return model, feature_seconds + train_seconds, detail
 
-    def segment(self, model, image_path: Path, image, encoder_key: str) -> Tuple[np.ndarray, float]:
-        """Label array on the image grid, and seconds (features from cache + predict + resample)."""
+    def segment(self, model, image_path: Path, image, encoder_key: str, supervision=None) -> Tuple[np.ndarray, float, Optional[Tuple[np.ndarray, float, Dict[str, Any]]]]:
+        """Label array on the image grid and seconds (features from cache + predict + resample); with the
+        `supervision` of this very image also the this-scan labels (run_adapt's `_propagate`), their
+        seconds (prediction + propagation) and the propagation's summary."""
         import SimpleITK as sitk
 
         tick = time.perf_counter()
         volume, _ = self.volume(image_path, image, encoder_key)
         probabilities = self.adapter.predict_dense(model, volume.features, volume.padded_image)
+        predicted = time.perf_counter()
         labels = sitk.GetArrayFromImage(self.probabilities_to_labels(probabilities, volume.grid, image))
-        return labels, time.perf_counter() - tick
+        seconds = time.perf_counter() - tick
+        this_scan = None
+        if supervision is not None:
+            resampled = time.perf_counter()
+            propagated, info = self.adapt._propagate(volume, probabilities, supervision.targets, supervision.axis)
+            this_scan = (sitk.GetArrayFromImage(propagated), predicted - tick + time.perf_counter() - resampled, info)
+        return labels, seconds, this_scan
 
 
 # ---------------------------------------------------------------------------------------- U-Net
@@ -367,25 +385,74 @@ def unet_predict(net, volume: np.ndarray) -> np.ndarray:
     return logits[0].softmax(0).numpy()
 
 
-def random_walker_segment(volume: np.ndarray, targets: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+RANDOM_WALKER_BETA = 500  # the best of 30, 130 (skimage's default), 500 on the development structures (scripts/tune_this_scan.py)
+
+
+def random_walker_segment(volume: np.ndarray, targets: np.ndarray, spacing: Sequence[float], beta: float = RANDOM_WALKER_BETA) -> np.ndarray:
     """Probabilities (C+1, ...) from skimage's 3D random walker seeded by the labelled voxels."""
+    import warnings
+
     from skimage.segmentation import random_walker
 
     seeds = np.where(targets == -1, 0, targets + 1).astype(np.int32)
-    probabilities = random_walker(volume, seeds, beta=130, mode="cg_j", tol=1e-3, spacing=np.asarray(spacing, dtype=float), return_full_prob=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "probability range outside [0, 1] given the tolerance": harmless for the arg-max
+        probabilities = random_walker(volume, seeds, beta=beta, mode="cg_j", tol=1e-3, spacing=np.asarray(spacing, dtype=float), return_full_prob=True)
     return probabilities.astype(np.float32)
+
+
+def _fill_between_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    import itk
+
+    image = itk.image_from_array(np.ascontiguousarray(mask, dtype=np.uint8))
+    interpolator = itk.MorphologicalContourInterpolator.New(image)
+    interpolator.SetAxis(2 - axis)  # ITK counts axes x, y, z
+    interpolator.Update()
+    return np.array(itk.array_from_image(interpolator.GetOutput())) > 0
+
+
+_FILL_POOL: Any = None
+
+
+def _load_itk_filter() -> None:
+    import itk
+
+    itk.MorphologicalContourInterpolator  # ITK's lazy loading takes ~25 s here, once per process
+
+
+def start_fill_between_slices() -> None:
+    """Start the child process and its ITK import early, so it overlaps other work."""
+    global _FILL_POOL
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if _FILL_POOL is None:
+        _FILL_POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        _FILL_POOL.submit(_load_itk_filter)
+
+
+def fill_between_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Slicer's Fill between slices: ITK's morphological contour interpolation (Albu et al. 2008,
+    `itk-morphologicalcontourinterpolation`, the filter Slicer's effect runs) of a 0/1 mask painted on
+    slices of array `axis`. It does not extend past the outermost painted slices and needs two.
+    Runs in a child process: ITK's Python wrapping and PyTorch in one process have crashed at exit."""
+    start_fill_between_slices()
+    return _FILL_POOL.submit(_fill_between_slices, mask, axis).result()
 
 
 # ------------------------------------------------------------------------------------ experiments
 
 
-def run_within(lib: Lib, tasks: Sequence[Task], ks: Sequence[int], seeds: Sequence[int], proto_seeds: Sequence[int], unet_seeds: Sequence[int], budget_cap: Optional[float], log) -> List[Dict[str, Any]]:
+def run_within(lib: Lib, tasks: Sequence[Task], ks: Sequence[int], seeds: Sequence[int], proto_seeds: Sequence[int], unet_seeds: Sequence[int], budget_cap: Optional[float], log,
+               methods: Sequence[str] = tuple(METHODS), rw_beta: float = RANDOM_WALKER_BETA) -> List[Dict[str, Any]]:
     import SimpleITK as sitk
     import torch
 
     from Med3DFMLib.fewshot.labels import AXES
 
     results: List[Dict[str, Any]] = []
+    if "fill-between-slices" in methods:
+        start_fill_between_slices()
     for task in tasks:
         image = sitk.ReadImage(str(task.image))
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(task.labels)))
@@ -405,7 +472,8 @@ def run_within(lib: Lib, tasks: Sequence[Task], ks: Sequence[int], seeds: Sequen
             supervision = lib.supervision(image, sparse, [class_name], dense=False, axis=task.axis)
             truth_scored = truth[score_index]
             base = {"setting": "within", "task": task.name, "group": task.group, "k": k, "slices": slices, "slice_axis": task.axis, "plane": task.plane,
-                    "labelled_voxels": int(sparse.sum()), "scored_slices": int(truth.shape[axis] - len(set(slices))), "scored_structure_voxels": int(truth_scored.sum())}
+                    "labelled_voxels": int(sparse.sum()), "scored_slices": int(truth.shape[axis] - len(set(slices))), "slice_count": int(truth.shape[axis]),
+                    "scored_labelled_voxels": int((supervision.targets[score_index] != -1).sum()), "scored_structure_voxels": int(truth_scored.sum())}
 
             def score(labels: np.ndarray) -> Optional[float]:
                 return dice(labels[score_index] == 1, truth_scored)
@@ -418,36 +486,90 @@ def run_within(lib: Lib, tasks: Sequence[Task], ks: Sequence[int], seeds: Sequen
             budgets: Dict[int, float] = {}
             for seed in seeds:
                 model, adapt_s, detail = lib.fit("adapter", [image], [task.image], [supervision], "pretrained", seed)
-                labels, segment_s = lib.segment(model, task.image, image, "pretrained")
+                labels, segment_s, this_scan = lib.segment(model, task.image, image, "pretrained", supervision if "this-scan" in methods else None)
                 record("adapter-pretrained", seed, adapt_s, segment_s, score(labels), **detail)
-                budgets[seed] = adapt_s
-                model, adapt_s, detail = lib.fit("adapter", [image], [task.image], [supervision], f"random-{seed}", seed)
-                labels, segment_s = lib.segment(model, task.image, image, f"random-{seed}")
-                record("adapter-random", seed, adapt_s, segment_s, score(labels), **detail)
-            for seed in proto_seeds:
+                if this_scan is not None:
+                    propagated, propagate_s, info = this_scan
+                    record("this-scan", seed, adapt_s, propagate_s, score(propagated), solved_voxels=info["solved_voxels"], propagate_s=info["seconds"], **detail)
+                budgets[seed] = adapt_s + (this_scan[1] if this_scan is not None else segment_s)
+                if "adapter-random" in methods:
+                    model, adapt_s, detail = lib.fit("adapter", [image], [task.image], [supervision], f"random-{seed}", seed)
+                    labels, segment_s, _ = lib.segment(model, task.image, image, f"random-{seed}")
+                    record("adapter-random", seed, adapt_s, segment_s, score(labels), **detail)
+            for seed in proto_seeds if "prototype" in methods else []:
                 model, adapt_s, detail = lib.fit("prototype", [image], [task.image], [supervision], "pretrained", seed)
-                labels, segment_s = lib.segment(model, task.image, image, "pretrained")
+                labels, segment_s, _ = lib.segment(model, task.image, image, "pretrained")
                 record("prototype", seed, adapt_s, segment_s, score(labels), **detail)
             work_targets = downsample(np.transpose(supervision.targets, order), factor, labels=True)
-            for seed in unet_seeds:
-                budget = budgets.get(seed, float(np.mean(list(budgets.values()))))
-                if budget_cap is not None:
-                    budget = min(budget, budget_cap)
-                net, detail = train_unet([work_image], [work_targets], 1, budget, seed)
+            for method, multiple in (("unet", 1.0), ("unet-3x", 3.0)):
+                if method not in methods:
+                    continue
+                for seed in unet_seeds:
+                    # The budget: the this-scan path's whole time (adapt + segment) in the same setting and seed.
+                    budget = multiple * budgets.get(seed, float(np.mean(list(budgets.values()))))
+                    if budget_cap is not None:
+                        budget = min(budget, budget_cap)
+                    net, detail = train_unet([work_image], [work_targets], 1, budget, seed)
+                    tick = time.perf_counter()
+                    probabilities = upsample_probabilities(unet_predict(net, work_image), intensities.shape)
+                    labels = np.transpose(probabilities.argmax(0), np.argsort(order))
+                    record(method, seed, detail["train_s"], time.perf_counter() - tick, score(labels), budget_s=round(budget, 3), work_factor=factor, **detail)
+            if "random-walker" in methods:
                 tick = time.perf_counter()
-                probabilities = upsample_probabilities(unet_predict(net, work_image), intensities.shape)
+                probabilities = upsample_probabilities(random_walker_segment(work_image, work_targets, work_spacing, rw_beta), intensities.shape)
                 labels = np.transpose(probabilities.argmax(0), np.argsort(order))
-                record("unet", seed, detail["train_s"], time.perf_counter() - tick, score(labels), budget_s=round(budget, 3), work_factor=factor, **detail)
-            tick = time.perf_counter()
-            probabilities = upsample_probabilities(random_walker_segment(work_image, work_targets, work_spacing), intensities.shape)
-            labels = np.transpose(probabilities.argmax(0), np.argsort(order))
-            record("random-walker", 0, 0.0, time.perf_counter() - tick, score(labels), work_factor=factor, deterministic=True)
+                record("random-walker", 0, 0.0, time.perf_counter() - tick, score(labels), work_factor=factor, deterministic=True, beta=rw_beta)
+            if "fill-between-slices" in methods:
+                tick = time.perf_counter()
+                filled = fill_between_slices(supervision.targets == 1, axis)
+                record("fill-between-slices", 0, 0.0, time.perf_counter() - tick, score(filled.astype(np.uint8)), deterministic=True)
         lib.forget(task.image)
         torch.set_num_threads(torch.get_num_threads())
     return results
 
 
-def run_across(lib: Lib, ns: Sequence[int], seeds: Sequence[int], proto_seeds: Sequence[int], unet_seeds: Sequence[int], test_count: int, budget_cap: Optional[float], pretrain_names: set, log) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+def train_budgeted(kind: str, lib: Lib, images: Sequence[Any], labels: Sequence[np.ndarray], classes: Sequence[str], budget_s: float, seed: int):
+    """'decoder' (run_adapt's decoder path) or 'unet' (BasicUNet from scratch in the very same training
+    loop: crops, augmentation, loss, schedule, checkpoint choice) on dense labels; returns
+    (predict(image) -> labels on the image grid, summary)."""
+    import SimpleITK as sitk
+    import torch
+    from monai.networks.nets import BasicUNet
+
+    from Med3DFMLib.fewshot import decoder as dec
+
+    encoder = lib.encoders["pretrained"]
+    spec = encoder.spec
+    volumes = [lib.adapt._model_grid_volume(image, label.astype(np.int16), spec)[0] for image, label in zip(images, labels)]
+    if kind == "decoder":
+        net, summary = dec.train_decoder(encoder.module, volumes, len(classes), classes, budget_s, seed=seed)
+
+        def model_predict(array: np.ndarray) -> np.ndarray:
+            return dec.predict_volume(encoder.module, net, array)
+    else:
+        from monai.inferers import sliding_window_inference
+
+        torch.manual_seed(seed)
+        unet = BasicUNet(spatial_dims=3, in_channels=1, out_channels=len(classes) + 1, features=(16, 32, 64, 128, 256, 16))
+
+        def model_predict(array: np.ndarray) -> np.ndarray:
+            roi = [min(int(np.ceil(a / 16) * 16), 96) for a in array.shape]
+            with torch.no_grad():
+                logits = sliding_window_inference(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None], roi, 2, unet, overlap=0.25, mode="gaussian", padding_mode="replicate")
+            return logits[0].softmax(0).numpy()
+
+        net, summary = dec.train_segmenter(unet, unet, model_predict, volumes, len(classes), classes, budget_s, 16, seed=seed)
+        summary["trainable_parameters"] = int(sum(p.numel() for p in unet.parameters()))
+
+    def predict(image) -> np.ndarray:
+        array, grid = lib.adapt.to_model_input(image, spec)
+        return sitk.GetArrayFromImage(lib.probabilities_to_labels(model_predict(array), grid, image))
+
+    return predict, summary
+
+
+def run_across(lib: Lib, ns: Sequence[int], seeds: Sequence[int], proto_seeds: Sequence[int], unet_seeds: Sequence[int], test_count: int, budget_cap: Optional[float], pretrain_names: set, log,
+               methods: Sequence[str] = tuple(METHODS), budget_minutes: float = 2.0) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     import SimpleITK as sitk
 
     pool, test = hippocampus_cases()
@@ -484,21 +606,30 @@ def run_across(lib: Lib, ns: Sequence[int], seeds: Sequence[int], proto_seeds: S
                 results.append(row)
                 log(f"  across n={n} {method:18s} seed={seed} dice={row['dice']} adapt={adapt_s:.1f}s segment/case={row['segment_s_per_case']:.2f}s")
 
+            budget_s = budget_minutes * 60.0 if budget_cap is None else min(budget_minutes * 60.0, budget_cap)
+            for method, kind, multiple in (("decoder", "decoder", 1.0), ("unet-aug", "unet", 1.0), ("unet-aug-3x", "unet", 3.0)):
+                if method not in methods or (method == "unet-aug-3x" and seed not in unet_seeds):
+                    continue
+                predict, detail = train_budgeted(kind, lib, [i for i, _ in loaded], [l for _, l in loaded], classes, multiple * budget_s, seed)
+                scores, tick = [], time.perf_counter()
+                for name, (image, truth) in tests.items():
+                    scores.append(case_dice(predict(image), truth))
+                detail = {k: v for k, v in detail.items() if k not in ("history", "augmentation")}
+                record(method, detail["seconds"], time.perf_counter() - tick, scores, **detail)
             budget = None
             for method, mode, key in (("adapter-pretrained", "adapter", "pretrained"), ("adapter-random", "adapter", f"random-{seed}"), ("prototype", "prototype", "pretrained")):
-                if method == "prototype" and seed not in proto_seeds:
+                if method not in methods or (method == "prototype" and seed not in proto_seeds):
                     continue
                 model, adapt_s, detail = lib.fit(mode, [i for i, _ in loaded], paths, supervisions, key, seed)
                 if method == "adapter-pretrained":
                     budget = adapt_s
                 scores, seconds = [], 0.0
                 for name, (image, truth) in tests.items():
-                    labels, s = lib.segment(model, folder / "images" / name, image, key)
+                    labels, s, _ = lib.segment(model, folder / "images" / name, image, key)
                     seconds += s
                     scores.append(case_dice(labels, truth))
                 record(method, adapt_s, seconds, scores, **detail)
-            if seed in unet_seeds:
-                assert budget is not None
+            if seed in unet_seeds and "unet" in methods and budget is not None:
                 if budget_cap is not None:
                     budget = min(budget, budget_cap)
                 net, detail = train_unet([normalise(sitk.GetArrayFromImage(i)) for i, _ in loaded], [l.astype(np.int16) for _, l in loaded], 2, budget, seed)
@@ -557,9 +688,13 @@ def cross_check(lib: Lib, home: Path, log) -> Dict[str, Any]:
         out["run_adapt_error"] = "".join(traceback.format_exception_only(type(err), err)).strip()
     supervision = lib.supervision(image, sparse, ["hippocampus"], dense=False, axis="k")
     model, _, _ = lib.fit("adapter", [image], [image_path], [supervision], "pretrained", 0)
-    labels, _ = lib.segment(model, image_path, image, "pretrained")
+    labels, _, _ = lib.segment(model, image_path, image, "pretrained")
     out["in_process_dice"] = round(dice(labels[scored] == 1, truth[scored]) or 0.0, 4)
     # Can an adapter trained on an encoder given as a file be applied again with load_segmenter?
+    if not lib.random_files:
+        out["file_encoder_adapter_reload"] = "not checked (no random-init encoder in this run: adapter-random not among --methods)"
+        log(f"  cross-check: {out}")
+        return out
     try:
         run_adapt([(image_path, sparse_path)], "crosscheck-random", home / "crosscheck-random.safetensors", mode="prototype", axis="k", encoder_spec=str(lib.random_files[min(lib.random_files)]), device_name="cpu", seed=0)
         from Med3DFMLib.segment import load_segmenter
@@ -599,38 +734,44 @@ def summarise(within: List[Dict[str, Any]], across: List[Dict[str, Any]]) -> Dic
 
 
 def comparisons(within: List[Dict[str, Any]], across: List[Dict[str, Any]]) -> List[str]:
-    """Plain statements: where adapter-pretrained beats each baseline and where it does not."""
+    """Plain statements: where the primary method (PRIMARY) beats each other method and where it does not."""
     lines = []
-    groups: Dict[Tuple[str, str], Dict[str, List[float]]] = {}
-    for row in within:
-        groups.setdefault((row["task"], f"k={row['k']}"), {}).setdefault(row["method"], []).append(row["dice"])
-    for row in across:
-        groups.setdefault(("hippocampus across volumes", f"n={row['n']}"), {}).setdefault(row["method"], []).append(row["dice"])
-    for other in METHODS[1:]:
-        wins, losses, ties, lost_at = 0, 0, 0, []
-        for (task, setting), by_method in groups.items():
-            a, b = mean_std(by_method.get("adapter-pretrained", [])), mean_std(by_method.get(other, []))
-            if a[0] is None or b[0] is None:
+    for setting, rows, key in (("within", within, "k"), ("across", across, "n")):
+        primary = PRIMARY[setting]
+        groups: Dict[Tuple[str, str], Dict[str, List[float]]] = {}
+        for row in rows:
+            task = row["task"] if setting == "within" else "hippocampus across volumes"
+            groups.setdefault((task, f"{key}={row[key]}"), {}).setdefault(row["method"], []).append(row["dice"])
+        for other in METHODS:
+            if other == primary:
                 continue
-            margin = max(0.02, (a[1] or 0.0) + (b[1] or 0.0))
-            if a[0] > b[0] + margin:
-                wins += 1
-            elif a[0] < b[0] - margin:
-                losses += 1
-                lost_at.append(f"{task} {setting} ({a[0]:.2f} vs {b[0]:.2f})")
-            else:
-                ties += 1
-        total = wins + losses + ties
-        if total:
-            text = f"- vs **{LABELS[other]}**: adapter clearly better in {wins}/{total} settings, clearly worse in {losses}/{total}, within noise in {ties}/{total}"
-            text += (": worse at " + "; ".join(lost_at) + ".") if lost_at else "."
-            lines.append(text)
+            wins, losses, ties, lost_at, gaps = 0, 0, 0, [], []
+            for (task, label), by_method in groups.items():
+                a, b = mean_std(by_method.get(primary, [])), mean_std(by_method.get(other, []))
+                if a[0] is None or b[0] is None:
+                    continue
+                gaps.append(a[0] - b[0])
+                margin = max(0.02, (a[1] or 0.0) + (b[1] or 0.0))
+                if a[0] > b[0] + margin:
+                    wins += 1
+                elif a[0] < b[0] - margin:
+                    losses += 1
+                    lost_at.append(f"{task} {label} ({a[0]:.2f} vs {b[0]:.2f})")
+                else:
+                    ties += 1
+            total = wins + losses + ties
+            if total:
+                higher = sum(g > 0 for g in gaps)
+                text = (f"- {setting}: **{LABELS[primary]}** vs **{LABELS[other]}**: higher mean Dice in {higher}/{total} settings (mean gap {np.mean(gaps):+.3f}); "
+                        f"clearly better in {wins}/{total}, clearly worse in {losses}/{total}, within noise in {ties}/{total}")
+                text += (": worse at " + "; ".join(lost_at) + ".") if lost_at else "."
+                lines.append(text)
     return lines
 
 
 def write_report(out: Path, payload: Dict[str, Any]) -> None:
     within, across = payload["within"], payload["across"]
-    methods_present = [m for m in METHODS if any(r["method"] == m for r in within + across)]
+    methods_present = [m for m in METHODS if any(r["method"] == m for r in within)]  # the within-volume tables
     lines = ["# Few-shot segmentation: evaluation on real data", ""]
     lines.append(f"Generated by `scripts/evaluate_fewshot.py{' --quick' if payload['config']['quick'] else ''}` on {payload['config']['machine']} "
                  f"(CPU, {payload['config']['torch_threads']} torch threads); wall time {payload['config']['wall_s'] / 60:.1f} min. Raw runs: `fewshot_eval.json`; plot: `fewshot_eval.png`.")
@@ -698,7 +839,7 @@ def write_report(out: Path, payload: Dict[str, Any]) -> None:
                      "Dice = mean of anterior and posterior, averaged over test cases; training volumes are a fresh random draw from the 160 training cases per seed (nested: 1 ⊂ 3 ⊂ 5). "
                      "The random walker does not apply here (it needs seeds in the volume it segments).")
         lines.append("")
-        across_methods = [m for m in methods_present if any(r["method"] == m for r in across)]
+        across_methods = [m for m in METHODS if any(r["method"] == m for r in across)]
         lines.append("| n volumes | " + " | ".join(LABELS[m] for m in across_methods) + " |")
         lines.append("|---|" + "---|" * len(across_methods))
         for n in sorted({r["n"] for r in across}):
@@ -720,9 +861,10 @@ def write_report(out: Path, payload: Dict[str, Any]) -> None:
     else:
         lines.append("Not run.")
         lines.append("")
-    lines.append("## Where the adapter (pretrained encoder) beats the baselines and where it does not")
+    lines.append("## Where Med3DFM beats the baselines and where it does not")
     lines.append("")
-    lines.append("Per setting (structure × k, and hippocampus × n), 'clearly' means the seed-means differ by more than the sum of the two seed stds and by at least 0.02 Dice.")
+    lines.append(f"Within one volume the method compared is `{PRIMARY['within']}` (what `med3dfm adapt --segment` writes for the painted scan), across volumes `{PRIMARY['across']}`. "
+                 "Per setting (structure × k, and hippocampus × n), 'higher' compares the seed-means; 'clearly' means they differ by more than the sum of the two seed stds and by at least 0.02 Dice.")
     lines.append("")
     lines.extend(comparisons(within, across))
     lines.append("")
@@ -749,7 +891,7 @@ def write_plot(out: Path, payload: Dict[str, Any]) -> None:
     cols = min(4, len(panels))
     rows = int(np.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    colours = dict(zip(METHODS, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
+    colours = {m: plt.get_cmap("tab20")(i * 2 % 20 + i * 2 // 20) for i, m in enumerate(METHODS)}
     for ax, panel in zip(axes.ravel(), panels):
         for m in METHODS:
             if panel == "hippocampus across volumes":
@@ -773,14 +915,38 @@ def write_plot(out: Path, payload: Dict[str, Any]) -> None:
         ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.ravel()[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    legend: Dict[str, Any] = {}
+    for ax in axes.ravel():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend.keys())
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     fig.savefig(out / "fewshot_eval.png", dpi=90)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------- main
+
+
+def merge_reports(paths: Sequence[Path], out: Path) -> int:
+    """One report from runs of separate parts: rows, grids and notes joined, configs listed."""
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(payloads[0])
+    merged["within"] = [r for p in payloads for r in p["within"]]
+    merged["across"] = [r for p in payloads for r in p["across"]]
+    merged["grids"] = {k: v for p in payloads for k, v in p.get("grids", {}).items()}
+    merged["across_info"] = next((p["across_info"] for p in payloads if p.get("across_info")), {})
+    merged["cross_check"] = next((p["cross_check"] for p in payloads if p.get("cross_check")), {})
+    merged["notes"] = list(dict.fromkeys(n for p in payloads for n in p["notes"]))
+    merged["notes"].append(f"Merged from {len(payloads)} runs made side by side on the same machine (one torch thread each): "
+                           + "; ".join(f"{Path(p).name}: {len(q['within'])} within / {len(q['across'])} across rows, {q['config']['wall_s'] / 60:.0f} min" for p, q in zip(paths, payloads)) + ".")
+    merged["config"] = dict(payloads[0]["config"], wall_s=max(p["config"]["wall_s"] for p in payloads), parts=[p["config"] for p in payloads])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fewshot_eval.json").write_text(json.dumps(merged, indent=1) + "\n")
+    write_report(out, merged)
+    write_plot(out, merged)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -793,8 +959,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--structures", default=DEFAULT_STRUCTURES, help=f"comma-separated structure names (prefixes) for the within-volume part, or 'all' (default: {DEFAULT_STRUCTURES})")
     parser.add_argument("--crops", type=int, default=1, help="hippocampus crops evaluated within one volume (1..3)")
     parser.add_argument("--test-cases", type=int, default=10, help="hippocampus test cases scored across volumes")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods to run (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--parts", default="within,across", help="within, across or both (default)")
+    parser.add_argument("--budget-minutes", type=float, default=2.0, help="across volumes: the decoder's and the augmented U-Net's training budget (default 2)")
+    parser.add_argument("--rw-beta", type=float, default=RANDOM_WALKER_BETA, help=f"random walker beta (default {RANDOM_WALKER_BETA}, chosen on the development structures)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 by default: on a shared 2-core machine 2 threads made adapter training ~10x slower)")
+    parser.add_argument("--report-from", type=Path, nargs="+", help="no runs: merge these fewshot_eval.json files (e.g. a within-only and an across-only run made in parallel) and write the report")
     args = parser.parse_args(argv)
+    if args.report_from:
+        return merge_reports(args.report_from, args.out)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+    parts = {p.strip() for p in args.parts.split(",")}
 
     started = time.perf_counter()
     own_home = None
@@ -831,7 +1009,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pretrain_names = {Path(n).name for n in encoder_card.get("training", {}).get("data", {}).get("names", [])}
 
     log("loading encoders (pretrained + random-init)")
-    lib = Lib(home, seeds, max_steps=60 if quick else 400)
+    lib = Lib(home, seeds if "adapter-random" in methods else [], max_steps=60 if quick else 400)
     tasks = within_tasks(quick, args.crops, None if args.structures == "all" else [n.strip() for n in args.structures.split(",") if n.strip()])
     import SimpleITK as sitk
 
@@ -844,9 +1022,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spacing = reader.GetSpacing()
         grids[task.name] = "×".join(str(s) for s in size) + " @ " + "×".join(f"{s:.2g}" for s in spacing) + " mm"
     log(f"within-volume: {len(tasks)} structures, k={ks}, seeds={seeds}, U-Net seeds={unet_seeds}")
-    within = run_within(lib, tasks, ks, seeds, proto_seeds, unet_seeds, budget_cap, log)
-    log(f"across volumes: n={ns}, {test_count} test cases")
-    across, across_info = run_across(lib, ns, seeds, proto_seeds, unet_seeds, test_count, budget_cap, pretrain_names, log)
+    within = run_within(lib, tasks, ks, seeds, proto_seeds, unet_seeds, budget_cap, log, methods, args.rw_beta) if "within" in parts else []
+    log(f"across volumes: n={ns}, {test_count} test cases, budget {args.budget_minutes} min")
+    across, across_info = run_across(lib, ns, seeds, proto_seeds, unet_seeds, test_count, budget_cap, pretrain_names, log, methods, args.budget_minutes) if "across" in parts else ([], {})
     check = {} if quick else cross_check(lib, home, log)
 
     seen = sorted({t.image.name for t in tasks if t.image.name in pretrain_names or str(t.image) in pretrain_names})
@@ -860,8 +1038,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "Slices: k slices at the (i+1)/(k+1) points of the structure's extent along the slice axis (axial for CT, lesions and the brain, whose axial plane is the j voxel axis; the k voxel axis for the hippocampus crops, whose anatomical orientation is not recorded). "
         "Scored slices are all other slices of the volume, including those where the structure is absent (false positives count).",
         "U-Net and random walker run on the image grid" + (f", downsampled in-plane (slice axis kept, so labelled slices stay intact) for volumes above {MAX_WORK_VOXELS / 1e6:.0f} M voxels: " + ", ".join(downsampled) + "; their probabilities are upsampled linearly to the full grid before scoring." if downsampled else "."),
-        "U-Net: MONAI BasicUNet, features (16, 16, 32, 64, 128, 16), AdamW 3e-3, batch 2 patches of up to 16 slices × 96 × 96 (centred on a labelled foreground voxel half of the time), cross-entropy + soft Dice over labelled voxels only, no augmentation; trained for exactly the adapter's adapt wall time, inferred with a sliding window. On 2 shared CPU cores that budget is only tens to a few hundred steps: this measures what a from-scratch U-Net reaches in the time our adapter needs, not what it reaches given hours.",
-        "Random walker: skimage random_walker(beta=130, mode='cg_j', tol=1e-3, voxel spacing honoured) on percentile-normalised intensities; labelled voxels are seeds (structure and background); unlabelled slices are free.",
+        "Across volumes, `decoder` is `med3dfm adapt --mode decoder` (Med3DFMLib.fewshot.decoder over the frozen pretrained encoder) and `unet-aug` / `unet-aug-3x` a MONAI BasicUNet (features 16, 32, 64, 128, 256, 16) from scratch trained by the very same loop (crops, MONAI augmentation, cross-entropy + Dice, cosine schedule over the budget, checkpoint choice on a held-out volume from 4 volumes on) for the same budget or three times it; only the network differs. Both run on the encoder's 1.25 mm grid.",
+        "U-Net (within one volume, and `unet` across volumes): MONAI BasicUNet, features (16, 16, 32, 64, 128, 16), AdamW 3e-3, batch 2 patches of up to 16 slices × 96 × 96 (centred on a labelled foreground voxel half of the time), cross-entropy + soft Dice over labelled voxels only, no augmentation; trained for exactly the adapter's adapt wall time, inferred with a sliding window. On 2 shared CPU cores that budget is only tens to a few hundred steps: this measures what a from-scratch U-Net reaches in the time our adapter needs, not what it reaches given hours.",
+        f"Random walker: skimage random_walker(beta={args.rw_beta:g}, mode='cg_j', tol=1e-3, voxel spacing honoured) on percentile-normalised intensities; labelled voxels are seeds (structure and background); unlabelled slices are free. "
+        "beta was chosen among 30, 130 (skimage's default) and 500 on development structures the evaluation does not score (scripts/tune_this_scan.py), as were the this-scan path's parameters.",
+        "This scan (`this-scan`): the adapter of `adapter-pretrained` (same seed), then Med3DFMLib.fewshot.propagate on the image grid: the painted outlines interpolated between painted slices, pooled with the adapter's probabilities, and a random walker with that evidence as its data term; painted voxels are seeds. Its time is the adapter's adapt time plus prediction and propagation; the U-Net's budget is that whole time (`unet`) or three times it (`unet-3x`).",
+        "Fill between slices: ITK's MorphologicalContourInterpolator (the filter behind Slicer's Segment Editor effect) on the painted slices; it fills only between painted slices (k = 1 gives nothing, and nothing beyond the outermost painted slices).",
         "Adapter and prototype runs reproduce run_adapt's steps in-process (same _split, probe + final training, predict_dense, probabilities_to_labels) so that features are computed once per volume and encoder; adapt time counts those cold features once per run, as a first `med3dfm adapt` on a new volume pays them (later adapts on the same volume hit the feature cache and take only the training time).",
         f"Timings are wall-clock on {platform.machine()} with {os.cpu_count()} CPUs and {torch.get_num_threads()} torch threads; other jobs on the machine slow them down, so treat them as indicative (±30 %) and compare methods within one run.",
     ]

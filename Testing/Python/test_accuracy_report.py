@@ -86,8 +86,8 @@ def test_fewshot_numbers(report: str, fewshot: dict) -> None:
     for (n, method), dice in groups.items():
         assert _seed_stat(dice) in _cells(across, str(n)), (n, method)
     assert f"{fewshot['across_info']['demo_model']['dice']:.3f}" in across
-    ours = [r for r in fewshot["within"] if r["method"] == "adapter-pretrained"]
-    assert f"{np.mean([r['adapt_s'] for r in ours]):.2f}" in _cells(within, "**ours**: adapter, pretrained encoder")
+    ours = [r for r in fewshot["within"] if r["method"] == "this-scan"]
+    assert f"{np.mean([r['adapt_s'] for r in ours]):.2f}" in _cells(within, "**ours**: this scan (adapter + outlines + edges)")
 
 
 def test_model_card_numbers(report: str) -> None:
