@@ -96,7 +96,20 @@ def _spaced(tmp: Path, name: str, spacing: Tuple[float, float, float]) -> Path:
 
 
 def _write_dicom_series(folder: Path, volume: sitk.Image) -> Path:
-    """One CT slice file per z, with the tags GDCM needs to sort them into one series."""
+    """One CT slice file per z, with the tags GDCM needs to sort them into one series.
+
+    GDCM's writer sets the process's C locale (Python's text files then default to ASCII, and later
+    tests reading UTF-8 reports failed), so the locale is put back afterwards."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_slices(folder, volume)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder: Path, volume: sitk.Image) -> Path:
     folder.mkdir()
     uid = "1.2.826.0.1.3680043.2.1125.99.1"
     d = volume.GetDirection()
