@@ -10,6 +10,13 @@ U-Net-style decoder on its feature pyramid (strides 16 → 8 → 4 → 2) plus a
 itself at full model resolution, so small structures keep their edges. The learning rate follows a
 cosine over the budget, so a longer budget is a longer schedule, not just more steps at the end.
 With four or more labelled volumes one is held out to choose the checkpoint.
+
+With three or more labelled volumes the decoder also keeps their label atlas (where each class lay,
+at normalised positions of the volume) and pools its probabilities with it at inference: volumes
+labelled for one structure are usually framed alike (crops around it, one protocol's field of
+view), and from five hippocampus crops the atlas alone scored 0.68 Dice on unseen crops. Pooling
+raised the decoder's Dice on development crops by 0.03; as input channels the same atlas lowered it
+(the network leaned on the noisier leave-one-out atlases it was trained with).
 """
 
 from __future__ import annotations
@@ -30,6 +37,14 @@ from Med3DFMLib.progress import Progress
 DEFAULT_WIDTHS = (128, 64, 48, 24, 16)  # stride 16, 8, 4, 2, 1
 SELECTION_MARGIN = 0.05  # held-out Dice an earlier checkpoint must win by to replace the last one
 MAX_CROP = 64  # training crop side (voxels of the model grid); smaller volumes are taken whole
+HOLD_OUT_FROM = 4  # with this many labelled volumes one is held out to choose the checkpoint
+ATLAS_GRID = 24  # side of the stored label atlas (normalised positions)
+MIN_ATLAS_VOLUMES = 3  # an atlas of fewer volumes is mostly one patient's shape
+# Pooling weights of the atlas tried on the held-out volume, and the one used without a held-out
+# volume (on 12 development crops from 5 labelled ones, Dice rose with the weight up to 1.5).
+ATLAS_WEIGHTS = (0.0, 0.5, 1.0, 1.5)
+DEFAULT_ATLAS_WEIGHT = 1.0
+ATLAS_FLOOR = 0.01  # added to the atlas before its logarithm: a class never seen at a position is unlikely there, not impossible
 
 
 def _block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -45,9 +60,12 @@ class FeatureDecoder(nn.Module):
     point-wise layers.
     """
 
-    def __init__(self, level_channels: Sequence[int], num_classes: int, widths: Sequence[int] = DEFAULT_WIDTHS) -> None:
+    def __init__(self, level_channels: Sequence[int], num_classes: int, widths: Sequence[int] = DEFAULT_WIDTHS, atlas: bool = False) -> None:
         super().__init__()
-        self.level_channels, self.widths = list(level_channels), list(widths)
+        self.level_channels, self.widths, self.uses_atlas = list(level_channels), list(widths), bool(atlas)
+        if self.uses_atlas:  # stored with the weights: the labelled volumes' label atlas and its pooling weight
+            self.register_buffer("atlas", torch.zeros(num_classes, ATLAS_GRID, ATLAS_GRID, ATLAS_GRID))
+            self.register_buffer("atlas_weight", torch.tensor(DEFAULT_ATLAS_WEIGHT))
         c2, c4, c8, c16 = level_channels
         w16, w8, w4, w2, w1 = widths
         self.top = nn.Sequential(nn.Conv3d(c16, w16, 1), _block(w16, w16))
@@ -82,6 +100,35 @@ def encoder_levels(encoder: nn.Module, image: torch.Tensor) -> List[torch.Tensor
 def level_channels(encoder: nn.Module) -> List[int]:
     pyramid = list(encoder.channels)
     return pyramid[:3] + [pyramid[3] + encoder.config.embed_dim]
+
+
+def label_atlas(targets: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """(C, G, G, G) frequency of each class at each normalised position of the labelled volumes
+    (each volume's extent scaled to a G³ grid; IGNORE voxels count for nothing)."""
+    from scipy import ndimage
+
+    counts = np.zeros((num_classes + 1, ATLAS_GRID, ATLAS_GRID, ATLAS_GRID), dtype=np.float64)
+    for target in targets:
+        zoom = [ATLAS_GRID / s for s in target.shape]
+        counts[0] += np.clip(ndimage.zoom((target != IGNORE).astype(np.float32), zoom, order=1), 0.0, 1.0)
+        for cls in range(1, num_classes + 1):
+            counts[cls] += np.clip(ndimage.zoom((target == cls).astype(np.float32), zoom, order=1), 0.0, 1.0)
+    return (counts[1:] / np.maximum(counts[0], 1e-6)).astype(np.float32)
+
+
+def pool_with_atlas(probabilities: np.ndarray, atlas: np.ndarray, weight: float) -> np.ndarray:
+    """Log-linear pooling of (C+1, D, H, W) probabilities with the (C, G, G, G) atlas stretched over the volume."""
+    from scipy import ndimage
+
+    if weight <= 0:
+        return probabilities
+    shape = probabilities.shape[1:]
+    classes = np.stack([np.clip(ndimage.zoom(channel, [s / g for s, g in zip(shape, channel.shape)], order=1), 0.0, 1.0) for channel in atlas])
+    prior = np.concatenate([np.clip(1.0 - classes.sum(0, keepdims=True), 0.0, 1.0), classes])
+    logp = np.log(np.clip(probabilities, 1e-6, 1.0)) + weight * np.log(prior + ATLAS_FLOOR)
+    logp -= logp.max(0, keepdims=True)
+    pooled = np.exp(logp)
+    return (pooled / pooled.sum(0, keepdims=True)).astype(np.float32)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -165,9 +212,10 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: 
     return ce + 1 - ((2 * intersection + 1) / (total + 1)).mean()
 
 
-def predict_volume(encoder: nn.Module, decoder: FeatureDecoder, image: np.ndarray, window: int = 96, overlap: float = 0.25) -> np.ndarray:
+def predict_volume(encoder: nn.Module, decoder: FeatureDecoder, image: np.ndarray, window: int = 96, overlap: float = 0.25, atlas: bool = True) -> np.ndarray:
     """Class probabilities (C+1, D, H, W) on the model grid: Gaussian-blended sliding windows of
-    encoder + decoder (each window no larger than the volume, rounded up to the encoder's multiple)."""
+    encoder + decoder (each window no larger than the volume, rounded up to the encoder's multiple),
+    pooled with the decoder's atlas if it has one (`atlas` False: the network alone)."""
     from monai.inferers import sliding_window_inference
 
     multiple = encoder.config.window_multiple
@@ -179,7 +227,10 @@ def predict_volume(encoder: nn.Module, decoder: FeatureDecoder, image: np.ndarra
 
     with torch.no_grad(), flush_denormals():
         logits = sliding_window_inference(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None], roi, 2, run, overlap=overlap, mode="gaussian", padding_mode="replicate")
-    return logits[0].softmax(0).numpy()
+    probabilities = logits[0].softmax(0).numpy()
+    if atlas and decoder.uses_atlas:
+        probabilities = pool_with_atlas(probabilities, decoder.atlas.cpu().numpy(), float(decoder.atlas_weight))
+    return probabilities
 
 
 def _dice(prediction: np.ndarray, targets: np.ndarray, num_classes: int) -> float:
@@ -204,17 +255,43 @@ def train_decoder(
     batch: int = 2,
     lr: float = 6e-3,
     widths: Sequence[int] = DEFAULT_WIDTHS,
+    max_steps: Optional[int] = None,
+    atlas: Optional[bool] = None,
 ) -> Tuple[FeatureDecoder, Dict[str, Any]]:
     """Train a decoder over the frozen `encoder` for `budget_s` seconds of wall time (or until
-    `should_stop()`); returns the chosen state and a summary for the card."""
+    `should_stop()` or `max_steps`); returns the chosen state and a summary for the card.
+
+    `atlas` (default: with MIN_ATLAS_VOLUMES or more volumes) keeps the volumes' label atlas for
+    pooling; its weight is chosen on the held-out volume (whose atlas leaves it out) when there is
+    one, else DEFAULT_ATLAS_WEIGHT."""
     encoder.eval()
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     torch.manual_seed(seed)
-    decoder = FeatureDecoder(level_channels(encoder), num_classes, widths)
-    trained, summary = train_segmenter(decoder, lambda x: decoder(x, encoder_levels(encoder, x)), lambda image: predict_volume(encoder, decoder, image),
-                                       volumes, num_classes, class_names, budget_s, encoder.config.window_multiple, seed, progress, should_stop, batch, lr)
-    return trained, {"mode": "decoder", "trainable_parameters": int(sum(p.numel() for p in decoder.parameters())), **summary}
+    use_atlas = len(volumes) >= MIN_ATLAS_VOLUMES if atlas is None else bool(atlas)
+    decoder = FeatureDecoder(level_channels(encoder), num_classes, widths, use_atlas)
+    # The network alone is trained and its checkpoint chosen; the atlas is pooled in afterwards.
+    trained, summary = train_segmenter(decoder, lambda x: decoder(x, encoder_levels(encoder, x)), lambda image: predict_volume(encoder, decoder, image, atlas=False),
+                                       volumes, num_classes, class_names, budget_s, encoder.config.window_multiple, seed, progress, should_stop, batch, lr, max_steps)
+    summary = {"mode": "decoder", "trainable_parameters": int(sum(p.numel() for p in decoder.parameters())), **summary}
+    if use_atlas:
+        summary["atlas"] = _fit_atlas(encoder, trained, volumes, num_classes)
+    return trained, summary
+
+
+def _fit_atlas(encoder: nn.Module, decoder: FeatureDecoder, volumes: Sequence[LabelledVolume], num_classes: int) -> Dict[str, Any]:
+    """Store the atlas of all volumes; choose its weight on the held-out volume, pooled with the atlas of the others."""
+    decoder.atlas.copy_(torch.from_numpy(label_atlas([v.targets for v in volumes], num_classes)))
+    if len(volumes) < HOLD_OUT_FROM:
+        decoder.atlas_weight.fill_(DEFAULT_ATLAS_WEIGHT)
+        return {"volumes": len(volumes), "weight": DEFAULT_ATLAS_WEIGHT, "chosen_by": "default (no held-out volume)"}
+    held_out = volumes[-1]
+    probabilities = predict_volume(encoder, decoder, held_out.image, atlas=False)
+    others = label_atlas([v.targets for v in volumes[:-1]], num_classes)
+    scores = {w: _dice(pool_with_atlas(probabilities, others, w).argmax(0), held_out.targets, num_classes) for w in ATLAS_WEIGHTS}
+    best = max(ATLAS_WEIGHTS, key=lambda w: (round(scores[w], 3), -abs(w - DEFAULT_ATLAS_WEIGHT)))  # ties: the default
+    decoder.atlas_weight.fill_(best)
+    return {"volumes": len(volumes), "weight": best, "chosen_by": "held-out volume", "held_out_dice_by_weight": {str(w): round(s, 4) for w, s in scores.items()}}
 
 
 def train_segmenter(
@@ -231,21 +308,23 @@ def train_segmenter(
     should_stop: Callable[[], bool] = lambda: False,
     batch: int = 2,
     lr: float = 6e-3,
+    max_steps: Optional[int] = None,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """The training loop shared by the decoder and the from-scratch U-Net it is compared with (same
     crops, augmentation, loss, schedule and checkpoint choice; only the network differs).
 
     `forward(x)` gives logits for a (B, 1, d, h, w) batch, `predict(image)` probabilities for a whole
-    model-grid volume (held-out checks). The chosen state: best held-out Dice with ≥ 4 volumes (one
+    model-grid volume (held-out checks). `max_steps` ends the schedule after that many steps if the
+    budget has not ended it first (runs that must not depend on the machine's speed). The chosen state: best held-out Dice with ≥ 4 volumes (one
     held out), else the last one (the cosine schedule ends at zero learning rate)."""
     with flush_denormals():
-        return _train(net, forward, predict, volumes, num_classes, class_names, budget_s, multiple, seed, progress, should_stop, batch, lr)
+        return _train(net, forward, predict, volumes, num_classes, class_names, budget_s, multiple, seed, progress, should_stop, batch, lr, max_steps)
 
 
-def _train(net, forward, predict, volumes, num_classes, class_names, budget_s, multiple, seed, progress, should_stop, batch, lr):
+def _train(net, forward, predict, volumes, num_classes, class_names, budget_s, multiple, seed, progress, should_stop, batch, lr, max_steps):
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    held_out = [volumes[-1]] if len(volumes) >= 4 else []
+    held_out = [volumes[-1]] if len(volumes) >= HOLD_OUT_FROM else []
     training = list(volumes[:-1]) if held_out else list(volumes)
     size = crop_shape([v.image.shape for v in training], multiple)
     flips = [] if lateralised(class_names) else [2]  # model grids are LPS: array axis 2 is left-right
@@ -262,14 +341,16 @@ def _train(net, forward, predict, volumes, num_classes, class_names, budget_s, m
 
     while True:
         elapsed = time.perf_counter() - started
-        if elapsed >= budget_s:
+        done = max(elapsed / max(budget_s, 1e-6), step / max_steps if max_steps else 0.0)
+        if done >= 1.0:
+            stopped_by = "budget" if elapsed >= budget_s else "steps"
             break
         if should_stop():
             stopped_by = "user"
             break
         warm = min(1.0, (step + 1) / 20)
         for group in optimiser.param_groups:
-            group["lr"] = lr * warm * 0.5 * (1 + np.cos(np.pi * min(elapsed / max(budget_s, 1e-6), 1.0)))
+            group["lr"] = lr * warm * 0.5 * (1 + np.cos(np.pi * done))
         images, labels = [], []
         for _ in range(batch):
             image, target = _draw_crop(training[int(rng.integers(len(training)))], size, rng)
@@ -289,7 +370,7 @@ def _train(net, forward, predict, volumes, num_classes, class_names, budget_s, m
         loss_value = float(loss.item())
         now = time.perf_counter()
         if progress is not None and step % 5 == 0:
-            progress.update("train", min(1.0, (now - started) / budget_s), f"step {step}, loss {loss_value:.3f}")
+            progress.update("train", min(1.0, done), f"step {step}, loss {loss_value:.3f}")
         if held_out and now - last_check >= check_every:
             last_check = now
             dice = held_out_dice()

@@ -124,3 +124,57 @@ def test_explain_writes_a_map_for_a_decoder_adapter(trained, data_dir, tmp_path)
     heatmap = sitk.GetArrayFromImage(sitk.ReadImage(str(heat)))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "hippocampus" / "labels" / f"{TEST}.nii.gz"))) > 0
     assert heatmap.shape == truth.shape and 0.0 <= heatmap.min() and heatmap.max() <= 1.0 and heatmap.std() > 0.01
+
+
+def _model_grid_volumes(data_dir, names):
+    from Med3DFMLib.fewshot.adapt import _model_grid_volume, load_encoder
+
+    encoder = load_encoder("med3dfm-encoder-small")
+    volumes = []
+    for name in names:
+        image = sitk.ReadImage(str(data_dir / "hippocampus" / "images" / f"{name}.nii.gz"))
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "hippocampus" / "labels" / f"{name}.nii.gz"))).astype(np.int16)
+        volumes.append(_model_grid_volume(image, labels, encoder.spec)[0])
+    return encoder, volumes
+
+
+def test_label_atlas_says_where_each_class_lay(data_dir):
+    """The atlas of the labelled volumes is high where their labels are, and pooling with it moves
+    uncertain probabilities towards it (weight 0 leaves them as they were)."""
+    from Med3DFMLib.fewshot.decoder import ATLAS_GRID, label_atlas, pool_with_atlas
+
+    _, volumes = _model_grid_volumes(data_dir, TRAIN)
+    atlas = label_atlas([v.targets for v in volumes], 2)
+    assert atlas.shape == (2, ATLAS_GRID, ATLAS_GRID, ATLAS_GRID) and 0.0 <= atlas.min() and atlas.max() <= 1.0
+    assert atlas.sum(0).max() <= 1.0 + 1e-5 and atlas[0].max() > 0.9 and atlas[1].max() > 0.9
+    flat = np.full((3,) + volumes[0].image.shape, 1 / 3, dtype=np.float32)
+    assert np.array_equal(pool_with_atlas(flat, atlas, 0.0), flat)
+    pooled = pool_with_atlas(flat, atlas, 1.0)
+    assert np.allclose(pooled.sum(0), 1.0, atol=1e-5)
+    # Undecided voxels now follow the atlas: where the first volume is labelled, mostly its labels.
+    agreement = np.mean(pooled.argmax(0)[volumes[0].targets > 0] == volumes[0].targets[volumes[0].targets > 0])
+    assert agreement > 0.6, agreement
+
+
+def test_three_volumes_keep_an_atlas_that_travels_with_the_weights(data_dir, tmp_path):
+    """From three labelled volumes the decoder stores their atlas and its weight; written and read
+    back, the adapter predicts exactly what the trained one did."""
+    from Med3DFMLib.fewshot.adapt import load_adapter_model
+    from Med3DFMLib.fewshot.decoder import DEFAULT_ATLAS_WEIGHT, predict_volume, train_decoder
+    from Med3DFMLib.weights import write_weights
+
+    encoder, volumes = _model_grid_volumes(data_dir, TRAIN + (TEST,))
+    decoder, summary = train_decoder(encoder.module, volumes, 2, ["anterior", "posterior"], 600.0, max_steps=4)
+    assert summary["steps"] == 4 and summary["stopped_by"] == "steps"
+    assert decoder.uses_atlas and summary["atlas"]["weight"] == DEFAULT_ATLAS_WEIGHT and float(decoder.atlas.max()) > 0.9
+    card = {"architecture": {"type": "feature-decoder", "num_classes": 2, "level_channels": decoder.level_channels, "widths": decoder.widths, "atlas": True}}
+    path = tmp_path / "atlas.safetensors"
+    write_weights(path, {k: v.contiguous() for k, v in decoder.state_dict().items()}, {"id": "t", "task": "adapter", **card})
+    from Med3DFMLib.weights import read_weights
+
+    tensors, _ = read_weights(path)
+    reloaded = load_adapter_model(tensors, card)
+    image = volumes[0].image
+    assert np.allclose(predict_volume(encoder.module, decoder, image), predict_volume(encoder.module, reloaded, image), atol=1e-5)
+    # The atlas changes the answer: pooled and network-only probabilities differ.
+    assert not np.allclose(predict_volume(encoder.module, decoder, image), predict_volume(encoder.module, decoder, image, atlas=False), atol=1e-3)
