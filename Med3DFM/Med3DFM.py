@@ -31,7 +31,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from Med3DFMSupport import environment, jobs, results
+from Med3DFMSupport import environment, fit, jobs, results
 
 MODULE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "hippocampus-mr-demo"
@@ -86,6 +86,11 @@ def sampleFiles() -> Tuple[Path, Path]:
     root = environment.library_root(MODULE_DIR)
     folder = root / "Testing" / "Data" / "hippocampus"
     return folder / "images" / "hippocampus_014.nii.gz", folder / "labels" / "hippocampus_014.nii.gz"
+
+
+def sampleCT() -> Path:
+    """A small abdominal CT shipped for the self-test: outside the demo model's domain."""
+    return environment.library_root(MODULE_DIR) / "Testing" / "Data" / "totalseg" / "example_ct_sm.nii.gz"
 
 
 SAMPLE_SHA256 = {
@@ -189,6 +194,8 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._selectAfterImport: Optional[str] = None
         self._timer = None
         self._modelRows: List[results.ModelRow] = []
+        self._modelFits: List[fit.ModelFit] = []  # the Segment model list, marked for _fitsVolumeKey
+        self._fitsVolumeKey: Optional[Tuple[Any, ...]] = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -300,15 +307,18 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- GUI state -----------------------------------------------------------------------------
 
     def populateModelComboBox(self) -> None:
+        """The Segment models, each marked as fitting the input volume or not (the library's domain check)."""
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
         wasBlocked = self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
         try:
-            choices = self.logic.segmentModelChoices()
-        except Exception as err:  # a broken registry must not break the panel
-            logging.error(f"Med3DFM: cannot read the model registry: {err}")
-            choices = []
-        for label, modelId in choices:
-            self.ui.modelComboBox.addItem(label, modelId)
+            self._modelFits = self.logic.modelFits(volumeNode)
+        except Exception as err:  # a broken registry or an unreadable volume must not break the panel
+            logging.error(f"Med3DFM: cannot list the segmentation models for this volume: {err}")
+            self._modelFits = []
+        self._fitsVolumeKey = self.logic.volumeKey(volumeNode)
+        for marked in self._modelFits:
+            self.ui.modelComboBox.addItem(marked.label, marked.model_id)
         self.ui.modelComboBox.blockSignals(wasBlocked)
         if self._parameterNode:
             index = self.ui.modelComboBox.findData(self._parameterNode.modelId)
@@ -360,6 +370,8 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateGUI(self, caller=None, event=None) -> None:
         node = self._parameterNode
         running = self._job is not None
+        if node and self.logic.volumeKey(node.inputVolume) != self._fitsVolumeKey:
+            self.populateModelComboBox()
         if node:
             index = self.ui.modelComboBox.findData(node.modelId)
             if index >= 0 and index != self.ui.modelComboBox.currentIndex:
@@ -387,6 +399,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = canApply
         self.ui.applyButton.toolTip = _("Segment the input volume") if canApply else _("Select an input volume and a model")
         self.ui.cancelButton.enabled = running
+        self.ui.domainLabel.text = fit.mismatch_message(node.modelId, self._modelFits) if node else ""
         self.ui.estimateLabel.text = self._estimateText() if node and node.inputVolume else ""
 
     def _estimateText(self) -> str:
@@ -415,7 +428,11 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.statusLabel.text = _("Python packages are missing: segmentation was not started.")
                 return
-            self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation)
+            try:
+                self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation)
+            except Med3DFMJobError as err:  # e.g. the volume is outside the model's domain: a message, not a result
+                self.ui.statusLabel.text = str(err)
+                return
             self._job.context["show3D"] = node.show3D
             self._setProgress(self.ui.progressBar, 0, _("Starting..."))
             self.ui.statusLabel.text = _("Starting...")
@@ -864,6 +881,7 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         self.resources = environment.resources_dir(self.libraryRoot)
         self.lastJob: Optional[Dict[str, Any]] = None
         self._dependenciesOk = False
+        self._scanFacts: Tuple[Any, Any] = (None, None)  # (volumeKey, facts) of the last volume measured
 
     def getParameterNode(self):
         return Med3DFMParameterNode(super().getParameterNode())
@@ -886,6 +904,35 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
     def segmentModelChoices(self) -> List[Tuple[str, str]]:
         """(label, id) for the Segment model list: registry segmentation models, then adapters saved from Learn from labels."""
         return results.segment_model_choices(self.registryModels(task="segment"), self.installedAdapters())
+
+    @classmethod
+    def volumeKey(cls, volumeNode) -> Optional[Tuple[Any, ...]]:
+        """Changes whenever the volume's voxels or geometry do (the domain facts are measured again then)."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            return None
+        return (volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), *cls._ijkToRasArray(volumeNode).ravel())
+
+    def scanFacts(self, volumeNode):
+        """What the domain check needs to know about a volume node: extent, intensities, DICOM Modality."""
+        key = self.volumeKey(volumeNode)
+        if key is None:
+            return None
+        if self._scanFacts[0] != key:
+            voxels = slicer.util.arrayFromVolume(volumeNode)
+            if voxels.ndim != 3:  # e.g. RGB: not a scan any model takes (the job says so)
+                return None
+            shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+            modality = shNode.GetItemAttribute(shNode.GetItemByDataNode(volumeNode),
+                                               slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName())
+            self._scanFacts = (key, fit.scan_facts(voxels, self._ijkToRasArray(volumeNode), modality))
+        return self._scanFacts[1]
+
+    def modelFits(self, volumeNode) -> List["fit.ModelFit"]:
+        """The Segment model list, each marked as fitting `volumeNode` or not (unmarked without a volume)."""
+        entries: Dict[str, Dict[str, Any]] = {}
+        for entry in self.registryModels(task="segment") + self.installedAdapters():
+            entries.setdefault(entry["id"], entry)  # as segmentModelChoices: the registry's entry first
+        return fit.mark_model_choices(self.segmentModelChoices(), entries, self.scanFacts(volumeNode))
 
     def modelsFolder(self) -> Path:
         from Med3DFMLib.registry.cache import models_home  # torch-free
@@ -1029,7 +1076,14 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             storageNode.UnRegister(None)
 
     def startSegment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None) -> "jobs.Job":
-        """Start a segment job in the background; poll it with job.poll(), then call finishSegment(job)."""
+        """Start a segment job in the background; poll it with job.poll(), then call finishSegment(job).
+
+        A volume outside the model's declared domain is refused here (Med3DFMJobError naming the mismatch
+        and the models that fit) before anything is written; the job checks again (without the DICOM tag).
+        """
+        message = fit.mismatch_message(modelId, self.modelFits(volumeNode))
+        if message:
+            raise Med3DFMJobError(message)
 
         def build(folder: Path, inputPath: Path):
             output = folder / "result.seg.nrrd"
@@ -1058,6 +1112,7 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
     def loadSegmentResult(self, segmentResult: "results.SegmentResult", volumeNode, outputSegmentationNode=None, show3D: bool = False):
         loaded = slicer.util.loadSegmentation(str(segmentResult.segmentation))  # raises if it cannot
         self.forgetTemporaryFile(loaded)
+        self.placeUnderInputTransform(volumeNode, loaded)  # before merging: Slicer resamples between the two frames
         entry = environment.registry_entry(environment.read_registry(self.registryPath()), f"{segmentResult.model_id}@{segmentResult.model_version}")
         self.applySegmentDisplay(loaded, results.segment_display_info(entry) if entry else [])
         if outputSegmentationNode is not None and outputSegmentationNode is not loaded:
@@ -1207,6 +1262,12 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             tableNode.AddColumn(array)
         tableNode.Modified()
         return tableNode
+
+    @staticmethod
+    def placeUnderInputTransform(volumeNode, node) -> None:
+        """A result read from a job file is in the volume's own (local) frame, as the job saw the volume:
+        under the volume's parent transform (not hardened) it lines up with the volume wherever that is."""
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
 
     @staticmethod
     def placeBesideInput(volumeNode, nodes) -> None:
@@ -1360,6 +1421,7 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         near-zero values transparent, half opacity. Its JSON note is attached as provenance."""
         heatmapNode = slicer.util.loadVolume(str(heatmap.path), {"name": name, "show": False})  # raises if it cannot
         self.forgetTemporaryFile(heatmapNode)
+        self.placeUnderInputTransform(volumeNode, heatmapNode)
         displayNode = heatmapNode.GetDisplayNode()
         if displayNode is None:
             heatmapNode.CreateDefaultDisplayNodes()
@@ -1563,6 +1625,7 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         kept as in mergeResultSegments. Returns what was replaced, added and kept.
         """
         loaded = slicer.util.loadSegmentation(str(output))  # raises if it cannot
+        self.placeUnderInputTransform(volumeNode, loaded)
         try:
             source = loaded.GetSegmentation()
             sourceIds = {source.GetNthSegment(i).GetName(): source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())}
@@ -1678,6 +1741,10 @@ class Med3DFMTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_segment_sample()
         self.setUp()
+        self.test_segment_under_a_transform()
+        self.setUp()
+        self.test_a_ct_is_refused_by_the_mr_model()
+        self.setUp()
         self.test_learn_from_three_slices()
         self.setUp()
         self.test_explain_a_segment()
@@ -1756,4 +1823,50 @@ class Med3DFMTest(ScriptedLoadableModuleTest):
         self.assertEqual(tableNode.GetNumberOfRows(), 2)
         record = json.loads(segmentationNode.GetAttribute(results.PROVENANCE_ATTRIBUTE))
         self.assertEqual(record["model"]["id"], DEFAULT_MODEL)
+        self.assertTrue(record["domain"]["fits"])
+        self.delayDisplay("Test passed")
+
+    def test_segment_under_a_transform(self):
+        """A volume under a (not hardened) rotation + shift: the result lands under the same transform, aligned."""
+        import numpy as np
+
+        volumeNode, reference = self._loadSample()
+        matrix = vtk.vtkMatrix4x4()
+        for row, values in enumerate(((0.0, -1.0, 0.0, 40.0), (1.0, 0.0, 0.0, -25.0), (0.0, 0.0, 1.0, 60.0))):
+            for column, value in enumerate(values):
+                matrix.SetElement(row, column, value)
+        transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+        transformNode.SetMatrixTransformToParent(matrix)
+        volumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
+
+        self.delayDisplay("Segmenting a transformed volume (a background job)")
+        segmentationNode, _tableNode = Med3DFMLogic().segment(volumeNode, DEFAULT_MODEL, device="auto", timeout=600)
+        self.assertEqual(segmentationNode.GetTransformNodeID(), transformNode.GetID())
+        segmentation = segmentationNode.GetSegmentation()
+        for value, name in enumerate(("anterior hippocampus", "posterior hippocampus"), start=1):
+            # resampled onto the volume through both nodes' transforms: aligned only if they agree
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentation.GetSegmentIdBySegmentName(name), volumeNode) > 0
+            truth = reference == value
+            dice = 2.0 * np.logical_and(mask, truth).sum() / max(1, mask.sum() + truth.sum())
+            self.delayDisplay(f"{name}: Dice {dice:.3f} under the transform")
+            self.assertGreater(dice, 0.7)
+        self.delayDisplay("Test passed")
+
+    def test_a_ct_is_refused_by_the_mr_model(self):
+        """A CT is outside the MR crop model's domain: marked in the model list, refused with a message, no result."""
+        volumeNode = slicer.util.loadVolume(str(sampleCT()))
+        logic = Med3DFMLogic()
+        marked = {m.model_id: m for m in logic.modelFits(volumeNode)}
+        self.assertIs(marked[DEFAULT_MODEL].fits, False)
+        self.assertIn("does not fit", marked[DEFAULT_MODEL].label)
+        before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+        with self.assertRaises(Med3DFMJobError) as caught:
+            logic.startSegment(volumeNode, DEFAULT_MODEL, device="auto")
+        message = str(caught.exception)
+        self.delayDisplay(message)
+        self.assertIn(f"{DEFAULT_MODEL} does not fit this volume", message)
+        self.assertIn("CT", message)
+        others = [m.model_id for m in marked.values() if m.fits]  # a CT adapter saved by the user would be offered
+        self.assertIn("Models that fit it" if others else "Learn from labels", message)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), before)
         self.delayDisplay("Test passed")

@@ -21,9 +21,6 @@ from Med3DFMLib.progress import Progress, default_mode
 from Med3DFMLib.registry.cli import add_models_parser
 from Med3DFMLib.classify_cli import add_classify_parsers
 
-DEFAULT_SEGMENT_MODEL = "hippocampus-mr-demo"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="med3dfm", description="Med3DFM: 3D medical foundation models for segmentation and classification.")
     parser.add_argument("--version", action="version", version=f"med3dfm {__version__}")
@@ -33,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment a CT or MR volume into a Slicer .seg.nrrd")
     segment.add_argument("input", type=Path, help="volume file (NRRD, NIfTI, MHA, ...) or DICOM series folder")
     segment.add_argument("-o", "--output", type=Path, required=True, help="output segmentation, ending in .seg.nrrd")
-    segment.add_argument("--model", default=DEFAULT_SEGMENT_MODEL, help=f"registry model id or .safetensors file (default: {DEFAULT_SEGMENT_MODEL})")
+    segment.add_argument("--model", help="registry model id or .safetensors file (default: the installed model whose domain fits the scan best)")
     segment.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     segment.add_argument("--labelmap", type=Path, help="also write a plain label map (e.g. OUT.nii.gz)")
     segment.add_argument("--table", type=Path, help="also write a .tsv table of segment volumes")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, 0..0.9 (default 0.25)")
     segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
+    segment.add_argument("--force", action="store_true", help="run --model even on a scan outside its declared domain (modality, field of view, "
+                         "intensities); the job record says so")
     _add_common(segment)
 
     adapt = commands.add_parser("adapt", help="learn a new structure (few-shot segmentation) or a classifier from a few labelled scans")
@@ -112,10 +111,19 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
             registry=args.registry,
             overwrite=not args.no_overwrite,
             progress=progress,
+            force=args.force,
         )
         if progress.mode != "json":
             segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])
-            print(f"wrote {args.output} ({segments}) in {record['timings_s']['total']:.1f} s on {record['device']}")
+            model = f"{record['model']['id']} {record['model']['version']}"
+            domain = record["domain"]
+            if domain["chosen"] == "best fit":
+                model += " (chosen: it fits this scan best)"
+            elif domain["forced"]:
+                model += " (forced: the scan is outside its domain)"
+            elif not domain["declared"]:
+                model += " (its card declares no domain: the scan was not checked)"
+            print(f"wrote {args.output} ({segments}) with {model} in {record['timings_s']['total']:.1f} s on {record['device']}")
         return 0
     if args.command == "adapt" and args.task == "classify":
         from Med3DFMLib.classify_cli import run_adapt_classify

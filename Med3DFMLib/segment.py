@@ -3,6 +3,10 @@
 Every output is checked for writability before any work starts, written under a temporary name,
 and renamed into place only when all of them are complete: a failed or cancelled run leaves
 nothing that looks like a result.
+
+Before any model runs, the scan is checked against the model's declared domain (Med3DFMLib/domain.py):
+a scan outside it is refused with one line naming the mismatch and the models that fit, unless
+forced (the record then says so). Without a model, the best fitting one is chosen and named.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from Med3DFMLib.domain import ScanFacts, Verdict, best_fit, check, fitting_models, measure_image, refusal
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.inference import choose_device, predict_volume
 from Med3DFMLib.io.atomic import atomic_path, check_writable
@@ -26,6 +31,9 @@ from Med3DFMLib.io.volumes import read_volume
 from Med3DFMLib.preprocess import InputSpec, probabilities_to_labels, to_model_input
 from Med3DFMLib.progress import Progress
 from Med3DFMLib.record import new_record, record_path_for
+
+if TYPE_CHECKING:
+    from Med3DFMLib.registry.resolve import KnownModel, ResolvedModel
 
 
 Predictor = Callable[[sitk.Image, Progress, Dict[str, float]], Tuple[np.ndarray, sitk.Image]]
@@ -47,9 +55,14 @@ class LoadedSegmenter:
 
 def load_segmenter(model_spec: str, registry: Optional[str] = None, progress: Optional[Progress] = None, device_name: str = "auto", overlap: float = 0.25) -> LoadedSegmenter:
     from Med3DFMLib.registry import resolve_model
+
+    return load_resolved(resolve_model(model_spec, registry=registry, progress=progress), registry, progress, device_name, overlap)
+
+
+def load_resolved(resolved: "ResolvedModel", registry: Optional[str] = None, progress: Optional[Progress] = None, device_name: str = "auto", overlap: float = 0.25) -> LoadedSegmenter:
+    """A resolved (verified) model file, loaded and ready to run."""
     from Med3DFMLib.weights import read_weights
 
-    resolved = resolve_model(model_spec, registry=registry, progress=progress)
     tensors, card = read_weights(resolved.weights)
     provenance = {"id": resolved.id, "version": resolved.version, "sha256": resolved.sha256, "source": resolved.source, "file": str(resolved.weights), "task": card.get("task")}
     device = choose_device(device_name)
@@ -105,10 +118,66 @@ def segment_volumes_table(labels: sitk.Image, segments: List[SegmentInfo]) -> Li
     return [[s.name, s.value, int(counts[s.value]), counts[s.value] * voxel_mm3, counts[s.value] * voxel_mm3 / 1000.0] for s in segments]
 
 
+def segmentation_models(registry: Optional[str] = None) -> List["KnownModel"]:
+    """Every model `segment` can run, newest version of each id: the registry's segmentation models and
+    the segmentation adapters installed in the cache (classification adapters are not candidates)."""
+    from Med3DFMLib.registry.catalogue import read_catalogue, version_key
+    from Med3DFMLib.registry.resolve import known_models
+
+    newest: Dict[str, "KnownModel"] = {}
+    for known in known_models(read_catalogue(registry)):
+        entry = known.entry
+        if entry.get("task") != "segment" and not (entry.get("task") == "adapter" and entry.get("kind") != "classify"):
+            continue
+        current = newest.get(entry["id"])
+        if current is None or version_key(entry["version"]) > version_key(current.entry["version"]):
+            newest[entry["id"]] = known
+    return list(newest.values())
+
+
+@dataclass
+class ModelChoice:
+    """The model a segment job runs and how the scan compares with its domain (what the record keeps)."""
+
+    resolved: "ResolvedModel"
+    verdict: Verdict
+    chosen: str  # "given" (--model) or "best fit" (no --model: the fitting model closest to the scan)
+    forced: bool  # the scan is outside the model's domain and --force ran it anyway
+    fitting: List[str]  # the candidate models that fit the scan, best first (when they were looked at)
+
+    def as_record(self) -> Dict[str, Any]:
+        return {**self.verdict.as_dict(), "chosen": self.chosen, "forced": self.forced, **({"fitting": self.fitting} if self.chosen == "best fit" else {})}
+
+
+def choose_model(scan: ScanFacts, model_spec: Optional[str], registry: Optional[str] = None, force: bool = False,
+                 progress: Optional[Progress] = None) -> ModelChoice:
+    """The model to run on `scan`: the given one if the scan is in its domain (or `force`), else the best
+    fitting one when none is given. Refuses (Med3DFMError, one line) when the scan fits no model it may use."""
+    from Med3DFMLib.registry import resolve_model
+    from Med3DFMLib.registry.resolve import resolve_known
+
+    if model_spec is None:
+        candidates = segmentation_models(registry)
+        verdicts = [check(scan, known.entry.get("domain"), known.entry["id"]) for known in candidates]
+        best = best_fit(verdicts)
+        if best is None:
+            reasons = "; ".join(f"{v.model}: {v.reason()}" for v in verdicts) or "no segmentation model is installed"
+            hint = "--force needs --model to say which one to run" if force else "--model ID --force runs one anyway"
+            raise Med3DFMError(f"no segmentation model fits this scan ({reasons}); use Learn from labels (`med3dfm adapt`) to make one; {hint}")
+        known = candidates[verdicts.index(best)]
+        return ModelChoice(resolve_known(known, progress=progress), best, "best fit", False, fitting_models(verdicts))
+    resolved = resolve_model(model_spec, registry=registry, progress=progress)
+    verdict = check(scan, resolved.card.get("domain"), resolved.id)
+    if verdict.declared and not verdict.fits and not force:
+        others = [check(scan, k.entry.get("domain"), k.entry["id"]) for k in segmentation_models(registry) if k.entry["id"] != resolved.id]
+        raise Med3DFMError(refusal(verdict, others))
+    return ModelChoice(resolved, verdict, "given", verdict.declared and not verdict.fits, [])
+
+
 def run_segment(
     input_path: Path,
     output: Path,
-    model_spec: str,
+    model_spec: Optional[str] = None,
     device: str = "auto",
     labelmap: Optional[Path] = None,
     table: Optional[Path] = None,
@@ -116,8 +185,13 @@ def run_segment(
     registry: Optional[str] = None,
     overwrite: bool = True,
     progress: Optional[Progress] = None,
+    force: bool = False,
 ) -> Dict[str, Any]:
-    """The whole `med3dfm segment` job; returns the record written beside the output."""
+    """The whole `med3dfm segment` job; returns the record written beside the output.
+
+    `model_spec` None: the model whose domain fits the scan best. `force`: run the given model on a
+    scan outside its domain (the record's `domain.forced` says so).
+    """
     progress = progress or Progress("none")
     if not str(output).lower().endswith(".seg.nrrd"):
         raise Med3DFMError(f"the segmentation output must end in .seg.nrrd: {output}")
@@ -129,7 +203,7 @@ def run_segment(
         check_writable(path, overwrite)
 
     record = new_record("segment")
-    record["parameters"] = {"input": str(input_path), "model": model_spec, "device": device, "overlap": overlap}
+    record["parameters"] = {"input": str(input_path), "model": model_spec, "device": device, "overlap": overlap, "force": force}
     timings = record["timings_s"]
     started = time.perf_counter()
 
@@ -139,9 +213,12 @@ def run_segment(
     timings["load"] = time.perf_counter() - tick
     record["input"] = {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()), "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())}
 
-    progress.update("model", 0.0, f"loading model {model_spec}")
+    progress.update("model", 0.0, "checking the scan against the model's domain")
     tick = time.perf_counter()
-    segmenter = load_segmenter(model_spec, registry, progress, device, overlap)
+    choice = choose_model(measure_image(image), model_spec, registry, force, progress)
+    record["domain"] = choice.as_record()
+    progress.update("model", 0.5, _choice_message(choice))
+    segmenter = load_resolved(choice.resolved, registry, progress, device, overlap)
     timings["load_model"] = time.perf_counter() - tick
     record["model"] = segmenter.provenance
     record["device"] = str(choose_device(device))
@@ -174,3 +251,15 @@ def run_segment(
         stack.enter_context(atomic_path(record_path)).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     progress.update("done", 1.0, f"wrote {output.name}", outputs=record["outputs"])
     return record
+
+
+def _choice_message(choice: ModelChoice) -> str:
+    """What the user should know about the model before it runs: chosen for them, forced, or unchecked."""
+    name = f"{choice.resolved.id} {choice.resolved.version}"
+    if choice.chosen == "best fit":
+        return f"using {name}: of the models that fit this scan ({', '.join(choice.fitting)}) it fits best"
+    if choice.forced:
+        return f"using {name} although the scan is outside its domain (--force): {choice.verdict.reason()}"
+    if not choice.verdict.declared:
+        return f"using {name}: its card declares no domain, so the scan was not checked against it"
+    return f"using {name}: the scan is in its domain"

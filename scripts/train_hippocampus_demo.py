@@ -324,10 +324,13 @@ def evaluate(data: Path, weights: Path, install: bool) -> None:
         "seconds_per_case_cpu": round(seconds / len(test), 3),
     }
     print(json.dumps(metrics, indent=2))
+    from measure_domain import demo_domain  # scripts/ is on sys.path when this script runs
+
     tensors, card = read_weights(weights)
     card["labels"] = LABELS  # names/colours/terminology may be refined after training
     card["metrics"] = metrics
     card["limits"] = LIMITS
+    card["domain"] = demo_domain(data)  # what `segment` checks scans against, from the training split
     target = ROOT / "Resources" / "models" / f"{MODEL_ID}.safetensors" if install else weights
     target.parent.mkdir(parents=True, exist_ok=True)
     sha = write_weights(target, tensors, card)
@@ -336,7 +339,7 @@ def evaluate(data: Path, weights: Path, install: bool) -> None:
         registry = json.loads(registry_path.read_text())
         entry = next(e for e in registry["models"] if e["id"] == MODEL_ID)
         entry["files"][0].update({"sha256": sha, "size": target.stat().st_size})
-        for key in ("input", "labels", "training", "metrics", "limits"):
+        for key in ("input", "labels", "training", "metrics", "limits", "domain"):
             entry[key] = card[key]
         registry_path.write_text(json.dumps(registry, indent=2) + "\n")
         print(f"installed {target} (sha256 {sha}) and updated {registry_path}")

@@ -2,7 +2,8 @@
 
 Building job command lines (segment, adapt, models), running a job in a background process and reading its JSON progress
 lines, reading the job record and table, turning registry labels into Slicer terminology strings,
-estimating CPU run time and writing the diagnostics text. The module file (Med3DFM.py) only turns
+marking the models that fit the selected volume (the library's domain check), estimating CPU run time
+and writing the diagnostics text. The module file (Med3DFM.py) only turns
 nodes into files, calls these, and turns files back into nodes; this package is tested without
 Slicer (Testing/Python/test_slicer_module.py).
 
@@ -20,6 +21,7 @@ from Med3DFMSupport.environment import (  # noqa: F401
     read_requirements,
     resources_dir,
 )
+from Med3DFMSupport.fit import ModelFit, mark_model_choices, mismatch_message, scan_facts  # noqa: F401
 from Med3DFMSupport.jobs import (  # noqa: F401
     Job,
     JobEvent,

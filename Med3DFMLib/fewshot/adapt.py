@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from Med3DFMLib.domain import domain_of_images
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.fewshot.adapter import PointSet, build_adapter, fit_prototypes, predict_dense, train_point_adapter
 from Med3DFMLib.fewshot.features import VolumeFeatures, cached_features
@@ -332,7 +333,8 @@ def _run_decoder(pairs, images, supervisions, classes, name, output, encoder, de
     with StopRequest(stop_file_for(output), should_stop) as stop:
         decoder, summary = train_decoder(module, volumes, len(classes), [c.name for c in classes], budget_minutes * 60.0, seed=seed, progress=progress, should_stop=stop)
     timings["train"] = round(time.perf_counter() - tick, 3)
-    architecture = {"type": "feature-decoder", "num_classes": len(classes), "level_channels": [int(c) for c in decoder.level_channels], "widths": [int(w) for w in decoder.widths]}
+    architecture = {"type": "feature-decoder", "num_classes": len(classes), "level_channels": [int(c) for c in decoder.level_channels], "widths": [int(w) for w in decoder.widths],
+                    "atlas": decoder.uses_atlas}
     card = _adapter_card(name, "decoder", classes, architecture, decoder, encoder, spec, pairs, supervisions, summary, started)
     sha = write_weights(output, {k: v.contiguous() for k, v in decoder.state_dict().items()}, card)
     record["adapter"] = {"file": str(output), "sha256": sha, "id": card["id"], "classes": [c.name for c in classes], "parameters": card["parameters"]}
@@ -368,6 +370,7 @@ def _adapter_card(name: str, mode: str, classes, architecture: Dict[str, Any], m
         "parameters": int(sum(t.numel() for t in module.state_dict().values())),
         "encoder": {"id": encoder.id, "version": encoder.version, "sha256": encoder.sha256},
         "input": spec.to_card(),
+        "domain": domain_of_images(i for i, _ in pairs),  # measured from the labelled images: what `segment` checks scans against
         "labels": [{"value": c.value, "name": c.name, "color": [float(v) for v in c.color], **({"terminology": c.terminology} if c.terminology else {})} for c in classes],
         "training": {
             "images": [Path(i).name for i, _ in pairs],
@@ -401,7 +404,7 @@ def load_adapter_model(tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -
     if architecture.get("type") == "feature-decoder":
         from Med3DFMLib.fewshot.decoder import FeatureDecoder
 
-        adapter = FeatureDecoder(architecture["level_channels"], architecture["num_classes"], architecture["widths"])
+        adapter = FeatureDecoder(architecture["level_channels"], architecture["num_classes"], architecture["widths"], architecture.get("atlas", False))
     else:
         adapter = build_adapter(architecture)
     adapter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})

@@ -18,6 +18,7 @@ from typing import Literal, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from Med3DFMLib.domain import MODALITY_TAG
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.io.atomic import PathLike, atomic_path
 from Med3DFMLib.io.integrity import check_file_integrity, non_finite_message
@@ -54,7 +55,11 @@ def read_volume(path: PathLike, kind: VolumeKind = "image") -> sitk.Image:
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
-    """Read the largest DICOM series in `folder` (sorted by slice position by GDCM)."""
+    """Read the largest DICOM series in `folder` (sorted by slice position by GDCM).
+
+    The series' Modality tag is kept on the image (a series reader drops every tag otherwise): the
+    domain check trusts it over what the voxels suggest.
+    """
     reader = sitk.ImageSeriesReader()
     series_ids = reader.GetGDCMSeriesIDs(str(folder)) or []
     if not series_ids:
@@ -63,10 +68,14 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     series_id = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
     files = files_per_series[series_id]
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as err:
         raise Med3DFMError(f"cannot read the DICOM series in {folder}: {_first_line(err)}") from None
+    if reader.HasMetaDataKey(0, MODALITY_TAG):
+        image.SetMetaData(MODALITY_TAG, reader.GetMetaData(0, MODALITY_TAG).strip())
+    return image
 
 
 def check_volume(image: sitk.Image, name: str = "image") -> None:

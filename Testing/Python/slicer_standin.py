@@ -98,7 +98,40 @@ class Node:
         self._storage = None if node_id is None else next(n for n in slicer.mrmlScene.nodes if n.GetID() == node_id)
 
 
-class vtkMRMLScalarVolumeNode(Node):
+class Transformable(Node):
+    """vtkMRMLTransformableNode: a parent transform node by ID (volumes and segmentations; tables have none)."""
+
+    _transform_id: Optional[str] = None
+
+    def SetAndObserveTransformNodeID(self, node_id: Optional[str]) -> bool:
+        self._transform_id = node_id or None
+        return True
+
+    def GetTransformNodeID(self) -> Optional[str]:
+        return self._transform_id
+
+    def to_world(self) -> np.ndarray:
+        """The 4x4 matrix from this node's own RAS frame to world RAS (its chain of parent transforms)."""
+        matrix = np.eye(4)
+        transform_id = self._transform_id
+        while transform_id:
+            transform = next(n for n in slicer.mrmlScene.nodes if n.GetID() == transform_id)
+            matrix = _matrix_to_numpy(transform._to_parent) @ matrix
+            transform_id = transform.GetTransformNodeID()
+        return matrix
+
+
+class vtkMRMLLinearTransformNode(Transformable):
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self._to_parent = vtk.vtkMatrix4x4()
+
+    def SetMatrixTransformToParent(self, matrix: vtk.vtkMatrix4x4) -> int:
+        self._to_parent.DeepCopy(matrix)
+        return 1
+
+
+class vtkMRMLScalarVolumeNode(Transformable):
     def __init__(self, name: str = "") -> None:
         super().__init__(name)
         self._image: Optional[vtk.vtkImageData] = None
@@ -306,7 +339,7 @@ class vtkMRMLSegmentationDisplayNode(Node):
         (self._hidden.discard if visible else self._hidden.add)(segment_id)
 
 
-class vtkMRMLSegmentationNode(Node):
+class vtkMRMLSegmentationNode(Transformable):
     def __init__(self, name: str = "") -> None:
         super().__init__(name)
         self._segmentation = Segmentation()
@@ -368,6 +401,7 @@ class SubjectHierarchy:
         self._parents: Dict[int, int] = {}
         self._names: Dict[int, str] = {1: "Scene"}
         self._by_node: Dict[str, int] = {}
+        self._attributes: Dict[Any, str] = {}
         self._next = itertools.count(2)
 
     def GetSceneItemID(self) -> int:
@@ -393,13 +427,20 @@ class SubjectHierarchy:
     def GetItemParent(self, item: int) -> int:
         return self._parents.get(item, 0)
 
+    def SetItemAttribute(self, item: int, name: str, value: str) -> None:
+        self._attributes[(item, name)] = value
+
+    def GetItemAttribute(self, item: int, name: str) -> str:
+        """Slicer returns "" for an attribute the item does not have."""
+        return self._attributes.get((item, name), "")
+
     def SetItemParent(self, item: int, parent: int) -> None:
         self._parents[item] = parent
 
 
 class Scene:
     NODE_CLASSES = {cls.__name__: cls for cls in (vtkMRMLScalarVolumeNode, vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode,
-                                                 vtkMRMLTableNode, vtkMRMLScriptedModuleNode)}
+                                                 vtkMRMLTableNode, vtkMRMLScriptedModuleNode, vtkMRMLLinearTransformNode)}
     StartCloseEvent = 1
     EndCloseEvent = 2
 
@@ -429,6 +470,9 @@ class Scene:
 
     def GetFirstNodeByClass(self, class_name: str) -> Optional[Node]:
         return next((n for n in self.nodes if type(n).__name__ == class_name), None)
+
+    def GetNumberOfNodesByClass(self, class_name: str) -> int:
+        return sum(1 for n in self.nodes if type(n).__name__ == class_name)
 
     def Clear(self) -> None:
         self.nodes.clear()
@@ -518,10 +562,11 @@ def arrayFromVolume(node: vtkMRMLScalarVolumeNode) -> np.ndarray:
 
 
 def arrayFromSegmentBinaryLabelmap(node: vtkMRMLSegmentationNode, segment_id: str, reference: vtkMRMLScalarVolumeNode) -> np.ndarray:
-    """The segment resampled onto the reference volume's grid (nearest neighbour in physical space)."""
+    """The segment resampled onto the reference volume's grid (nearest neighbour in world space: Slicer's
+    Segmentations logic goes through both nodes' parent transforms)."""
     segment = node.GetSegmentation().GetSegment(segment_id)
-    mask = _sitk_from(_array(segment.labelmap), _matrix_to_numpy(segment.ijk_to_ras))
-    ref = _sitk_from(arrayFromVolume(reference), _matrix_to_numpy(reference._ijk_to_ras))
+    mask = _sitk_from(_array(segment.labelmap), node.to_world() @ _matrix_to_numpy(segment.ijk_to_ras))
+    ref = _sitk_from(arrayFromVolume(reference), reference.to_world() @ _matrix_to_numpy(reference._ijk_to_ras))
     resampled = sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
     return sitk.GetArrayFromImage(resampled)
 
@@ -535,7 +580,9 @@ def updateSegmentBinaryLabelmapFromArray(narray: np.ndarray, node: vtkMRMLSegmen
     if reference is None or tuple(narray.shape) != tuple(reversed(reference.GetImageData().GetDimensions())):
         raise RuntimeError("the array does not match the reference volume")
     segment.labelmap = _image_data((np.asarray(narray) > 0).astype(np.uint8))
-    segment.ijk_to_ras = _numpy_to_matrix(_matrix_to_numpy(reference._ijk_to_ras))
+    # the mask lies on the reference grid in the reference's frame; the segment is stored in the node's own frame
+    to_node = np.linalg.inv(node.to_world()) @ reference.to_world()
+    segment.ijk_to_ras = _numpy_to_matrix(to_node @ _matrix_to_numpy(reference._ijk_to_ras))
     segment.closed_surface = None
 
 
@@ -626,6 +673,8 @@ def install() -> types.ModuleType:
     slicer.ScriptedLoadableModule = scripted
     slicer.vtkMRMLScalarVolumeNode = vtkMRMLScalarVolumeNode
     slicer.vtkMRMLSegmentationNode = vtkMRMLSegmentationNode
+    # Libs/MRML/Core/vtkMRMLSubjectHierarchyConstants.h: the attribute DICOM loading sets on a series item
+    slicer.vtkMRMLSubjectHierarchyConstants = types.SimpleNamespace(GetDICOMSeriesModalityAttributeName=lambda: "DICOM.Modality")
     slicer.__path__ = []  # a package, so `import slicer.util` works
 
     sample_data = types.ModuleType("SampleData")

@@ -1,8 +1,9 @@
 """`med3dfm segment` runs on every volume in ../shared/data (CT and MR, NIfTI, NRRD and DICOM
 folders) and its output lies exactly on each input's grid. CI has ../shared beside the clone.
 
-The demo model is a hippocampus model, so on other anatomy its labels are meaningless; what this
-checks is that every real file goes through the whole pipeline and comes back on its own geometry.
+The demo model is a hippocampus model, so on other anatomy its labels are meaningless and `segment`
+refuses those scans (test_domain.py); here it is forced, because what this checks is that every real
+file goes through the whole pipeline and comes back on its own geometry.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def test_the_list_covers_every_volume_in_shared_data():
 def test_segment_every_shared_volume(tmp_path, relative, capsys):
     source = SHARED / relative
     out = tmp_path / "out.seg.nrrd"
-    assert main(["segment", str(source), "-o", str(out), "--device", "cpu", "--progress", "none"]) == 0, capsys.readouterr().err
+    assert main(["segment", str(source), "-o", str(out), "--model", "hippocampus-mr-demo", "--force", "--device", "cpu", "--progress", "none"]) == 0, capsys.readouterr().err
     image = read_volume(source)
     seg = slicerio.read_segmentation(str(out))
     assert np.allclose(seg["ijkToLPS"], ijk_to_lps(image), atol=1e-4)

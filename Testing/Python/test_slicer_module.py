@@ -815,6 +815,73 @@ def test_logic_reports_a_failed_job(module, hippocampus_case):
     assert "error" in failure.value.details
 
 
+def _transform(slicer, rotation_and_shift):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for row, values in enumerate(rotation_and_shift):
+        for column, value in enumerate(values):
+            matrix.SetElement(row, column, value)
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    node.SetMatrixTransformToParent(matrix)
+    return node
+
+
+def test_logic_results_follow_the_volumes_transform(module, hippocampus_case):
+    """A volume under a parent transform (not hardened): the job sees its local frame, and the segmentation
+    and the heatmap are placed under the same transform, so they line up with the volume in the views."""
+    import slicer_standin
+
+    slicer = slicer_standin.slicer
+    image_path, labels_path = hippocampus_case
+    volume = slicer.util.loadVolume(str(image_path))
+    transform = _transform(slicer, ((0.0, -1.0, 0.0, 40.0), (1.0, 0.0, 0.0, -25.0), (0.0, 0.0, 1.0, 60.0)))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    logic = module.Med3DFMLogic()
+    segmentation_node, _table = logic.segment(volume, DEMO, device="cpu", timeout=300)
+    assert segmentation_node.GetTransformNodeID() == transform.GetID()
+    reference = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(str(labels_path)))
+    segmentation = segmentation_node.GetSegmentation()
+    for value, name in enumerate(("anterior hippocampus", "posterior hippocampus"), start=1):
+        # resampled through both nodes' transforms (world space), as Slicer does
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segmentation.GetSegmentIdBySegmentName(name), volume) > 0
+        assert _dice(mask, reference == value) > 0.7, name
+    # into a segmentation the user chose (not under any transform): merged in world space, still aligned
+    chosen = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    chosen.GetSegmentation().AddEmptySegment("anterior hippocampus", "anterior hippocampus")
+    outputs = logic.segment(volume, DEMO, device="cpu", outputSegmentationNode=chosen, timeout=300)
+    assert outputs.report.replaced == ["anterior hippocampus"]
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(chosen, "anterior hippocampus", volume) > 0
+    assert _dice(mask, reference == 1) > 0.7
+    heatmap = logic.explain(volume, DEMO, "anterior hippocampus", "gradcam", device="cpu", timeout=300)
+    assert heatmap.GetTransformNodeID() == transform.GetID()
+
+
+def test_logic_refuses_a_volume_outside_the_models_domain(module, data_dir):
+    """A CT from DICOM (its Subject Hierarchy item says CT): the MR demo model is marked as not fitting and
+    Segment is refused with the one-line reason before any job or file exists."""
+    import slicer_standin
+
+    slicer = slicer_standin.slicer
+    volume = slicer.util.loadVolume(str(data_dir / "totalseg" / "example_ct_sm.nii.gz"))
+    sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+    sh.SetItemAttribute(sh.GetItemByDataNode(volume), slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName(), "CT")
+    logic = module.Med3DFMLogic()
+    marked = {m.model_id: m for m in logic.modelFits(volume)}
+    assert marked[DEMO].fits is False and marked[DEMO].label.startswith("\u2717 ")
+    assert "the scan is CT (by its DICOM Modality tag)" in marked[DEMO].reason
+    folders_before = set(Path(slicer.app.temporaryPath).iterdir())
+    segmentations_before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(module.Med3DFMJobError) as refused:
+        logic.segment(volume, DEMO, device="cpu", timeout=60)
+    message = str(refused.value)
+    assert message.startswith(f"{DEMO} does not fit this volume: the scan is CT") and "Learn from labels" in message and "\n" not in message
+    assert set(Path(slicer.app.temporaryPath).iterdir()) == folders_before
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations_before
+    hippocampus = slicer.util.loadVolume(str(data_dir / "hippocampus" / "images" / "hippocampus_014.nii.gz"))
+    assert {m.model_id: m for m in logic.modelFits(hippocampus)}[DEMO].fits is True
+
+
 def test_logic_lists_models_through_the_cli(module):
     listing = module.Med3DFMLogic().listModels()
     demo = next(m for m in listing if m["id"] == DEMO)
