@@ -35,6 +35,7 @@ def add_classify_parsers(subparsers: argparse._SubParsersAction) -> None:
     explain.add_argument("--method", choices=["gradcam", "occlusion", "attention"], default="gradcam", help="gradcam (default), occlusion (slow reference), attention (classifiers only)")
     explain.add_argument("--roi", type=Path, help="classifiers only: pool inside this region")
     explain.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    explain.add_argument("--force", action="store_true", help="segmentation models: explain even a scan outside the model's declared domain (the note says so)")
     _add_common(explain)
 
 
@@ -43,7 +44,7 @@ def run_classify_command(args: argparse.Namespace, progress: Progress) -> int:
     if args.command == "explain":
         from Med3DFMLib.explain.job import run_explain
 
-        note = run_explain(args.input, args.model, args.target, args.output, args.method, args.roi, args.device, args.registry, progress)
+        note = run_explain(args.input, args.model, args.target, args.output, args.method, args.roi, args.device, args.registry, progress, force=args.force)
         if progress.mode != "json":
             print(f"wrote {args.output} ({note['method']} heatmap of '{note['target']}') in {note['seconds']:.1f} s")
         return 0

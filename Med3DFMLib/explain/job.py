@@ -34,8 +34,13 @@ def run_explain(
     device_name: str = "auto",
     registry: Optional[str] = None,
     progress: Optional[Progress] = None,
+    force: bool = False,
 ) -> Dict[str, Any]:
-    """Write the heatmap and its JSON note; returns the note."""
+    """Write the heatmap and its JSON note; returns the note.
+
+    A segmentation model's or adapter's map is refused, like `segment`, on a scan outside the card's
+    declared domain unless `force`: a map of where the model "sees" a structure it cannot see
+    misleads as much as the segmentation would."""
     from Med3DFMLib.explain.heatmaps import check_heatmap_path, write_heatmap
     from Med3DFMLib.registry import resolve_model
     from Med3DFMLib.weights import read_weights
@@ -66,6 +71,14 @@ def run_explain(
             raise Med3DFMError(f"unknown explain method {method!r} for a segmentation model; use {' or '.join(SEGMENT_METHODS)}")
         from Med3DFMLib.explain.segmentation import DecoderAdapterExplainer, ModelExplainer, PointAdapterExplainer, segmentation_heatmap
 
+        from Med3DFMLib.domain import check, measure_image, refusal
+        from Med3DFMLib.segment import segmentation_models
+
+        verdict = check(measure_image(image), card.get("domain"), resolved.id)
+        if verdict.declared and not verdict.fits and not force:
+            others = [check(verdict.scan, k.entry.get("domain"), k.entry["id"]) for k in segmentation_models(registry) if k.entry["id"] != resolved.id]
+            raise Med3DFMError(refusal(verdict, others))
+        domain_note = {**verdict.as_dict(), "forced": verdict.declared and not verdict.fits}
         names = {int(entry["value"]): str(entry["name"]) for entry in card.get("labels", [])}
         if card.get("task") == "segment":
             from Med3DFMLib.models import load_segmentation_model
@@ -88,6 +101,7 @@ def run_explain(
         index = _target_index(target, names)
         array, grid = to_model_input(image, spec)
         on_grid, details = segmentation_heatmap(explainer, array, index, method, progress)
+        details["domain"] = domain_note
     note = {"method": method, "target": target, "model": provenance, **details, "seconds": round(time.perf_counter() - started, 3)}
     write_heatmap(output, on_grid, grid, image, note)
     progress.update("done", 1.0, f"wrote {output.name}", outputs={"heatmap": str(output)})

@@ -305,3 +305,18 @@ def test_the_slicer_helper_marks_the_models_that_fit_a_volume():
     brain = fit.mark_model_choices(choices, {DEMO: entries[DEMO]}, node_facts(WHOLE_BRAIN))
     assert "field of view" in fit.mismatch_message(DEMO, brain) and "Learn from labels" in fit.mismatch_message(DEMO, brain)
     assert all(m.fits is None for m in fit.mark_model_choices(choices, entries, None))  # no volume selected: no marks
+
+
+def test_explain_refuses_a_scan_outside_the_domain_and_force_records_it(tmp_path, capsys):
+    """A heatmap of where the hippocampus model 'sees' a hippocampus in a CT misleads like the
+    segmentation would: refused with the same line, no map; --force writes it and the note says so."""
+    heat = tmp_path / "heat.nrrd"
+    arguments = ["explain", str(CT_FIXTURES[0]), "--model", DEMO, "--target", "anterior hippocampus", "-o", str(heat), "--progress", "none", "--device", "cpu"]
+    assert main(arguments) == 1
+    err = _one_error_line(capsys)
+    assert f"{DEMO} does not fit this scan: the scan is CT" in err and "--force" in err
+    assert list(tmp_path.iterdir()) == []
+    assert main(arguments + ["--force"]) == 0
+    notes = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert heat.exists() and len(notes) == 1
+    assert notes[0]["domain"]["forced"] is True and notes[0]["domain"]["fits"] is False
