@@ -939,7 +939,7 @@ def merge_reports(paths: Sequence[Path], out: Path) -> int:
     merged["across_info"] = next((p["across_info"] for p in payloads if p.get("across_info")), {})
     merged["cross_check"] = next((p["cross_check"] for p in payloads if p.get("cross_check")), {})
     merged["notes"] = list(dict.fromkeys(n for p in payloads for n in p["notes"]))
-    merged["notes"].append(f"Merged from {len(payloads)} runs made side by side on the same machine (one torch thread each): "
+    merged["notes"].append(f"Merged from {len(payloads)} runs on the same machine (one torch thread each; side by side or one after the other): "
                            + "; ".join(f"{Path(p).name}: {len(q['within'])} within / {len(q['across'])} across rows, {q['config']['wall_s'] / 60:.0f} min" for p, q in zip(paths, payloads)) + ".")
     merged["config"] = dict(payloads[0]["config"], wall_s=max(p["config"]["wall_s"] for p in payloads), parts=[p["config"] for p in payloads])
     out.mkdir(parents=True, exist_ok=True)
