@@ -168,13 +168,10 @@ def domain_from_scans(
     return domain
 
 
-def domain_of_images(paths: Iterable[Union[str, Path]]) -> Dict[str, Any]:
-    """The domain of a few-shot adapter: measured from the images (files or DICOM folders) it was labelled on."""
-    from Med3DFMLib.io.volumes import read_volume
-
-    paths = [Path(p) for p in paths]
-    scans = [measure_image(read_volume(p)) for p in paths]
-    return domain_from_scans(scans, body_region="as in the labelled images", measured={"from": "the labelled images", "images": [p.name for p in paths]})
+def domain_of_images(images: Sequence["sitk.Image"], paths: Sequence[Union[str, Path]]) -> Dict[str, Any]:
+    """The domain of a few-shot adapter: measured from the images it was labelled on (already read; `paths` name them)."""
+    scans = [measure_image(image) for image in images]
+    return domain_from_scans(scans, body_region="as in the labelled images", measured={"from": "the labelled images", "images": [Path(p).name for p in paths]})
 
 
 def _rounded(values: Iterable[float], digits: int) -> List[float]:
@@ -315,15 +312,20 @@ def _intensity(scan: ScanFacts, intensity: Mapping[str, Any]) -> Tuple[str, List
 # --- choosing a model, and saying why none fits ----------------------------------------------------
 
 
+def _ranked_fits(verdicts: Sequence[Verdict]) -> List[Verdict]:
+    """The fitting verdicts, closest first; a model made for the scan's modality before one for any."""
+    return sorted((v for v in verdicts if v.fits), key=lambda v: (v.any_modality, v.deviation))
+
+
 def best_fit(verdicts: Sequence[Verdict]) -> Optional[Verdict]:
-    """The fitting model closest to the scan; a model made for the scan's modality before one for any."""
-    fitting = [v for v in verdicts if v.fits]
-    return min(fitting, key=lambda v: (v.any_modality, v.deviation)) if fitting else None
+    """The fitting model closest to the scan."""
+    ranked = _ranked_fits(verdicts)
+    return ranked[0] if ranked else None
 
 
 def fitting_models(verdicts: Sequence[Verdict]) -> List[str]:
     """Ids of the models that fit, best first."""
-    return [v.model for v in sorted((v for v in verdicts if v.fits), key=lambda v: (v.any_modality, v.deviation))]
+    return [v.model for v in _ranked_fits(verdicts)]
 
 
 def alternatives_text(verdicts: Sequence[Verdict]) -> str:

@@ -167,11 +167,18 @@ def choose_model(scan: ScanFacts, model_spec: Optional[str], registry: Optional[
         known = candidates[verdicts.index(best)]
         return ModelChoice(resolve_known(known, progress=progress), best, "best fit", False, fitting_models(verdicts))
     resolved = resolve_model(model_spec, registry=registry, progress=progress)
-    verdict = check(scan, resolved.card.get("domain"), resolved.id)
-    if verdict.declared and not verdict.fits and not force:
-        others = [check(scan, k.entry.get("domain"), k.entry["id"]) for k in segmentation_models(registry) if k.entry["id"] != resolved.id]
-        raise Med3DFMError(refusal(verdict, others))
+    verdict = check_given_model(scan, resolved.card.get("domain"), resolved.id, registry, force)
     return ModelChoice(resolved, verdict, "given", verdict.declared and not verdict.fits, [])
+
+
+def check_given_model(scan: ScanFacts, domain: Optional[Dict[str, Any]], model_id: str, registry: Optional[str] = None, force: bool = False) -> Verdict:
+    """`scan` against a named model's `domain`; outside it and not `force`: Med3DFMError with the one
+    line that names the mismatch and the installed models that fit (what segment and explain say)."""
+    verdict = check(scan, domain, model_id)
+    if verdict.declared and not verdict.fits and not force:
+        others = [check(scan, k.entry.get("domain"), k.entry["id"]) for k in segmentation_models(registry) if k.entry["id"] != model_id]
+        raise Med3DFMError(refusal(verdict, others))
+    return verdict
 
 
 def run_segment(

@@ -71,13 +71,10 @@ def run_explain(
             raise Med3DFMError(f"unknown explain method {method!r} for a segmentation model; use {' or '.join(SEGMENT_METHODS)}")
         from Med3DFMLib.explain.segmentation import DecoderAdapterExplainer, ModelExplainer, PointAdapterExplainer, segmentation_heatmap
 
-        from Med3DFMLib.domain import check, measure_image, refusal
-        from Med3DFMLib.segment import segmentation_models
+        from Med3DFMLib.domain import measure_image
+        from Med3DFMLib.segment import check_given_model
 
-        verdict = check(measure_image(image), card.get("domain"), resolved.id)
-        if verdict.declared and not verdict.fits and not force:
-            others = [check(verdict.scan, k.entry.get("domain"), k.entry["id"]) for k in segmentation_models(registry) if k.entry["id"] != resolved.id]
-            raise Med3DFMError(refusal(verdict, others))
+        verdict = check_given_model(measure_image(image), card.get("domain"), resolved.id, registry, force)
         domain_note = {**verdict.as_dict(), "forced": verdict.declared and not verdict.fits}
         names = {int(entry["value"]): str(entry["name"]) for entry in card.get("labels", [])}
         if card.get("task") == "segment":

@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -228,7 +228,7 @@ def run_adapt(
         architecture = {"type": "point-adapter", "mode": "mlp", "in_dim": int(adapter.mean.numel()), "num_classes": len(classes), "hidden": adapter.mlp[1].out_features}
     timings["train"] = round(time.perf_counter() - tick, 3)
 
-    card = _adapter_card(name, mode, classes, architecture, adapter, encoder, spec, pairs, supervisions, summary, started)
+    card = _adapter_card(name, mode, classes, architecture, adapter, encoder, spec, pairs, images, supervisions, summary, started)
     from Med3DFMLib.weights import write_weights
 
     sha = write_weights(output, {k: v.contiguous() for k, v in adapter.state_dict().items()}, card)
@@ -335,7 +335,7 @@ def _run_decoder(pairs, images, supervisions, classes, name, output, encoder, de
     timings["train"] = round(time.perf_counter() - tick, 3)
     architecture = {"type": "feature-decoder", "num_classes": len(classes), "level_channels": [int(c) for c in decoder.level_channels], "widths": [int(w) for w in decoder.widths],
                     "atlas": decoder.uses_atlas}
-    card = _adapter_card(name, "decoder", classes, architecture, decoder, encoder, spec, pairs, supervisions, summary, started)
+    card = _adapter_card(name, "decoder", classes, architecture, decoder, encoder, spec, pairs, images, supervisions, summary, started)
     sha = write_weights(output, {k: v.contiguous() for k, v in decoder.state_dict().items()}, card)
     record["adapter"] = {"file": str(output), "sha256": sha, "id": card["id"], "classes": [c.name for c in classes], "parameters": card["parameters"]}
     record["encoder"] = card["encoder"]
@@ -359,7 +359,7 @@ def _run_decoder(pairs, images, supervisions, classes, name, output, encoder, de
 
 
 def _adapter_card(name: str, mode: str, classes, architecture: Dict[str, Any], module: torch.nn.Module, encoder: Encoder, spec: InputSpec,
-                  pairs, supervisions, summary: Dict[str, Any], started: float) -> Dict[str, Any]:
+                  pairs, images: Sequence[sitk.Image], supervisions, summary: Dict[str, Any], started: float) -> Dict[str, Any]:
     return {
         "id": slugify(name),
         "version": "1.0.0",
@@ -370,7 +370,7 @@ def _adapter_card(name: str, mode: str, classes, architecture: Dict[str, Any], m
         "parameters": int(sum(t.numel() for t in module.state_dict().values())),
         "encoder": {"id": encoder.id, "version": encoder.version, "sha256": encoder.sha256},
         "input": spec.to_card(),
-        "domain": domain_of_images(i for i, _ in pairs),  # measured from the labelled images: what `segment` checks scans against
+        "domain": domain_of_images(images, [i for i, _ in pairs]),  # measured from the labelled images: what `segment` checks scans against
         "labels": [{"value": c.value, "name": c.name, "color": [float(v) for v in c.color], **({"terminology": c.terminology} if c.terminology else {})} for c in classes],
         "training": {
             "images": [Path(i).name for i, _ in pairs],
