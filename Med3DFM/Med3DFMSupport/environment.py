@@ -1,4 +1,5 @@
-"""Where things are (library, resources, PythonSlicer), what must be installed, how long a job takes."""
+"""Where things are (library, resources, models.json, PythonSlicer), how long a job takes, and the
+diagnostics text. What must be installed is in dependencies.py."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
-
-MODULE_NAME = "Med3DFM"
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 # Seconds one 64³ window of the demo-sized encoder takes on two CPU threads (measured with
 # `med3dfm segment --device cpu` on hippocampus_014, first window included), and the fixed cost of a
@@ -71,24 +70,6 @@ def job_environment(base: Mapping[str, str], root: Path, extra: Optional[Mapping
     if extra:
         env.update(extra)
     return env
-
-
-def read_requirements(path: Path) -> List[str]:
-    """Requirement strings of a requirements.txt: comments, blank lines and pip options left out."""
-    requirements = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.split(" #", 1)[0].strip()
-        if line and not line.startswith(("#", "-")):
-            requirements.append(line)
-    return requirements
-
-
-def requirement_name(requirement: str) -> str:
-    """`monai>=1.3` → `monai` (the distribution name, as pip and importlib.metadata know it)."""
-    name = requirement
-    for separator in ("[", ";", "<", ">", "=", "!", "~", " "):
-        name = name.split(separator, 1)[0]
-    return name.strip()
 
 
 def read_registry(path: Path) -> Dict[str, Any]:
@@ -158,16 +139,3 @@ def diagnostics_text(info: Mapping[str, Any], last_job: Optional[Mapping[str, An
         if stderr:
             lines += ["  stderr (last lines):"] + ["    " + line for line in stderr.splitlines()[-60:]]
     return "\n".join(lines) + "\n"
-
-
-def installed_versions(names: Iterable[str]) -> Dict[str, Optional[str]]:
-    """Installed distribution versions (None if absent), without importing the packages."""
-    from importlib import metadata
-
-    versions: Dict[str, Optional[str]] = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions

@@ -35,6 +35,8 @@ BUDGET_MINUTES_DEFAULT = 3.0
 BUDGET_MINUTES_RANGE = (0.5, 120.0)  # what the panel's spin box offers
 # Cancel of a job that can stop early: how long it may take to write its best model before it is killed.
 STOP_GRACE_S = 60.0
+# Windows: start jobs without a console window popping up.
+NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
 
 # Where each stage of a command sits in the overall progress bar: stage -> (start, end).
 STAGE_SPANS: Dict[str, Dict[str, Tuple[float, float]]] = {
@@ -336,6 +338,14 @@ def parse_progress_line(line: str, command: str = "segment") -> JobEvent:
     return JobEvent("progress", stage, fraction, start + (end - start) * fraction, message, data)
 
 
+class Med3DFMJobError(RuntimeError):
+    """A job failed or was refused: a one-line message for the user, the job's error output as details."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
 @dataclass
 class JobResult:
     command: List[str]
@@ -401,7 +411,7 @@ class Job:
                                       env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1)
         if os.name == "nt":
             # no console window; own process group so that Cancel reaches the whole tree
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) | subprocess.CREATE_NEW_PROCESS_GROUP
+            kwargs["creationflags"] = NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             kwargs["start_new_session"] = True
         self._started = time.monotonic()
@@ -554,6 +564,24 @@ class Job:
         """Remove the job's temporary folder (inputs, outputs, record)."""
         if self.temp_dir is not None and self.temp_dir.exists():
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def run_to_end(command: Sequence[str], env: Optional[Mapping[str, str]] = None, timeout: float = 120.0) -> Tuple[subprocess.CompletedProcess, Dict[str, Any]]:
+    """Run a short job to its end without progress (`models list/remove/import`): the finished process,
+    and what diagnostics remember of it (command, exit code, error output, its last line as the error)."""
+    kwargs: Dict[str, Any] = {"creationflags": NO_WINDOW} if os.name == "nt" else {}
+    completed = subprocess.run(list(command), env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout, **kwargs)
+    error = None if completed.returncode == 0 else (completed.stderr.strip().splitlines() or ["failed"])[-1]
+    return completed, {"command": list(command), "returncode": completed.returncode, "stderr": completed.stderr, "error": error}
+
+
+def imported_model_path(stdout: str) -> Optional[Path]:
+    """Where `models import` installed the model, from its {"result": "imported", "path": ...} line."""
+    for line in stdout.splitlines():
+        event = parse_progress_line(line, "models")
+        if event.kind == "result" and event.stage == "imported" and event.data.get("path"):
+            return Path(event.data["path"])
+    return None
 
 
 def kill_process_tree(process: subprocess.Popen, timeout: float = 5.0) -> None:

@@ -13,9 +13,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-# The context names the library writes when a registry entry leaves them out (Med3DFMLib.io.segmentations).
-SLICER_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-DICOM_ANATOMY_CONTEXT = "Anatomic codes - DICOM master list"
 PROVENANCE_ATTRIBUTE = "Med3DFM.provenance"
 MODEL_ATTRIBUTE = "Med3DFM.model"
 
@@ -38,32 +35,6 @@ def read_job_record(path: Path, required: str = "command", what: str = "job reco
     return record
 
 
-def _code(triple: Optional[Sequence[str]]) -> str:
-    values = list(triple or ("", "", ""))
-    values += [""] * (3 - len(values))
-    return "^".join(str(v) for v in values[:3])
-
-
-def terminology_string(terminology: Optional[Mapping[str, Any]]) -> str:
-    """A registry label's terminology as Slicer's `TerminologyEntry` tag string.
-
-    Seven `~`-separated fields: context ~ category ~ type ~ type modifier ~ anatomic context ~ region ~
-    region modifier; each code is `scheme^value^meaning`. Empty when the label has none.
-    """
-    if not terminology:
-        return ""
-    fields = [
-        str(terminology.get("contextName") or SLICER_ANATOMY_CONTEXT),
-        _code(terminology.get("category")),
-        _code(terminology.get("type")),
-        _code(terminology.get("typeModifier")),
-        str(terminology.get("anatomicContextName") or DICOM_ANATOMY_CONTEXT),
-        _code(terminology.get("anatomicRegion")),
-        _code(terminology.get("anatomicRegionModifier")),
-    ]
-    return "~".join(fields)
-
-
 @dataclass
 class SegmentDisplay:
     """How one label of a model appears in Slicer."""
@@ -76,6 +47,8 @@ class SegmentDisplay:
 
 def segment_display_info(entry: Mapping[str, Any]) -> List[SegmentDisplay]:
     """Segment names, colours and terminology strings of a registry entry's labels, by label value."""
+    from Med3DFMLib.io.terminology import terminology_string
+
     infos = []
     for label in sorted(entry.get("labels", []), key=lambda item: int(item["value"])):
         color = tuple(float(c) for c in (label.get("color") or (0.5, 0.5, 0.5)))[:3]
@@ -147,14 +120,6 @@ class SegmentResult(_ModelOfRecord):
         return str(self.record.get("device", ""))
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n} B"
-
-
 @dataclass
 class ModelRow:
     id: str
@@ -170,6 +135,8 @@ class ModelRow:
 
 def model_rows(listing: Sequence[Mapping[str, Any]], task: Optional[str] = None) -> List[ModelRow]:
     """Rows for the models table from `models list --json`, optionally only one task."""
+    from Med3DFMLib.registry.cli import human_size
+
     rows = []
     for item in listing:
         if task and item.get("task") != task:
@@ -313,67 +280,18 @@ def painted_labels(segments: Sequence[PaintedSegment]) -> PaintedLabels:
     return PaintedLabels(labels, infos, [s.name for s in structures], skipped)
 
 
-def terminology_from_string(text: str) -> Optional[Dict[str, Any]]:
-    """Slicer's `TerminologyEntry` tag (7 `~` fields, codes `scheme^value^meaning`) as slicerio's dict."""
-    if not text:
-        return None
-    fields = text.split("~")
-    if len(fields) != 7:
-        return None
-
-    def code(field_text: str) -> Optional[List[str]]:
-        parts = (field_text.split("^") + ["", "", ""])[:3]
-        return parts if any(parts) else None
-
-    entry: Dict[str, Any] = {"contextName": fields[0]}
-    category, kind = code(fields[1]), code(fields[2])
-    if category is None or kind is None:
-        return None
-    entry["category"], entry["type"] = category, kind
-    if code(fields[3]):
-        entry["typeModifier"] = code(fields[3])
-    if fields[4]:
-        entry["anatomicContextName"] = fields[4]
-    if code(fields[5]):
-        entry["anatomicRegion"] = code(fields[5])
-        if code(fields[6]):
-            entry["anatomicRegionModifier"] = code(fields[6])
-    return entry
-
-
 def write_painted_segmentation(path: Path, painted: PaintedLabels, ijk_to_ras: np.ndarray) -> Path:
-    """Write the merged painted labels as a Slicer `.seg.nrrd` on the volume's geometry (slicerio)."""
-    import slicerio
+    """Write the merged painted labels as a Slicer `.seg.nrrd` on the volume's geometry (the library's writer)."""
+    from Med3DFMLib.io.segmentations import SegmentInfo, is_seg_nrrd, write_seg_nrrd_voxels
+    from Med3DFMLib.io.terminology import terminology_from_string
 
     path = Path(path)
-    if not str(path).lower().endswith(".seg.nrrd"):
+    if not is_seg_nrrd(path):
         raise ValueError(f"the painted labels must be written as .seg.nrrd: {path}")
+    segments = [SegmentInfo(int(info["value"]), info["name"], info["color"], terminology_from_string(info.get("terminology", "")), info["id"])
+                for info in painted.segments]
     voxels = np.ascontiguousarray(painted.labels.transpose(2, 1, 0))  # (k, j, i) -> (i, j, k), as the file stores them
-    segmentation: Dict[str, Any] = {
-        "voxels": voxels,
-        "ijkToLPS": LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float),
-        "containedRepresentationNames": ["Binary labelmap"],
-        "masterRepresentation": "Binary labelmap",
-        "segments": [],
-    }
-    for info in painted.segments:
-        where = np.nonzero(voxels == info["value"])
-        segment: Dict[str, Any] = {
-            "id": info["id"],
-            "name": info["name"],
-            "nameAutoGenerated": False,
-            "color": info["color"],
-            "colorAutoGenerated": False,
-            "labelValue": int(info["value"]),
-            "layer": 0,
-            "extent": [int(v) for axis in where for v in (axis.min(), axis.max())],
-            "status": "completed",
-        }
-        terminology = terminology_from_string(info.get("terminology", ""))
-        if terminology:
-            segment["terminology"] = terminology
-        segmentation["segments"].append(segment)
-    slicerio.write_segmentation(str(path), segmentation)
+    write_seg_nrrd_voxels(path, voxels, LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float), segments)
     return path
 
 
@@ -409,30 +327,11 @@ def segments_to_update(result_names: Iterable[str], existing: Mapping[str, str],
 
 # --- a result -> a segmentation the user chose (Segment output, Learn from labels) --------------------
 
-def terminology_codes(text: str) -> Optional[Tuple[Tuple[str, str], ...]]:
-    """The coded part of a `TerminologyEntry` string: (scheme, value) of category, type, type modifier,
-    anatomic region and region modifier; context names and code meanings left out. None when empty.
-
-    Two entries with the same codes are the same structure: Slicer's own comparison
-    (vtkSlicerTerminologiesModuleLogic::AreTerminologyEntriesEqual, exact match of scheme and value).
-    A string that is not 7 `~` fields is compared as it is.
-    """
-    text = (text or "").strip()
-    if not text:
-        return None
-    fields = text.split("~")
-    if len(fields) != 7:
-        return (("", text),)
-    codes = []
-    for index in (1, 2, 3, 5, 6):
-        parts = (fields[index].split("^") + ["", ""])[:2]
-        codes.append((parts[0].strip(), parts[1].strip()))
-    return tuple(codes)
-
-
 def same_structure(name_a: str, terminology_a: str, name_b: str, terminology_b: str) -> bool:
     """One segment name for the other: the same name (case-insensitive, as Slicer's
     GetSegmentIdBySegmentName) and, where both carry a terminology entry, the same codes."""
+    from Med3DFMLib.io.terminology import terminology_codes
+
     if name_a.strip().lower() != name_b.strip().lower():
         return False
     codes_a, codes_b = terminology_codes(terminology_a), terminology_codes(terminology_b)
@@ -501,6 +400,21 @@ def adapter_record(adapter: Path) -> Dict[str, Any]:
     if not isinstance(record, dict) or record.get("command") != "adapt":
         raise ValueError(f"{path.name} is not the record of an adapt job")
     return record
+
+
+def keep_adapter(learned: Path, folder: Path) -> Tuple[Path, Dict[str, Any]]:
+    """Copy a job's adapter and its record out of the job folder (deleted afterwards) into `folder`;
+    (the kept adapter, its record)."""
+    import shutil
+
+    learned = Path(learned)
+    record = adapter_record(learned)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter = folder / learned.name
+    shutil.copyfile(learned, adapter)
+    (folder / (learned.name[: -len(".safetensors")] + ".json")).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return adapter, record
 
 
 # --- installed adapters for the Segment model list ---------------------------------------------------

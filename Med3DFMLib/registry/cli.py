@@ -62,7 +62,8 @@ def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _human_size(n: int) -> str:
+def human_size(n: float) -> str:
+    """A model's size as `models list` (and the Slicer module's Models table) shows it: 999 B, 10.2 MB."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -89,7 +90,7 @@ def _cmd_list(args: argparse.Namespace, registry: Optional[str]) -> int:
         return 0
     table = [["ID", "VERSION", "TASK", "INSTALLED", "SIZE", "LICENCE"]]
     for row in rows:
-        table.append([row["id"], row["version"], row["task"], row["installed"], _human_size(row["size"]), row["licence"]])
+        table.append([row["id"], row["version"], row["task"], row["installed"], human_size(row["size"]), row["licence"]])
     _print_table(table)
     print(f"\ncache: {models_home()}")
     return 0

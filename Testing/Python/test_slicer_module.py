@@ -30,7 +30,8 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "Med3DFM.ui"
 sys.path.insert(0, str(MODULE_DIR))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from Med3DFMSupport import environment, jobs, results  # noqa: E402
+from Med3DFMLib.io import terminology  # noqa: E402
+from Med3DFMSupport import choices, dependencies, environment, jobs, results  # noqa: E402
 
 DEMO = "hippocampus-mr-demo"
 
@@ -157,8 +158,8 @@ def test_painted_segmentation_file_is_what_adapt_reads(tmp_path, hippocampus_cas
     shape = sitk.GetArrayViewFromImage(image).shape
     mask = np.zeros(shape, bool)
     mask[10, 20:25, 15:20] = True
-    terminology = results.terminology_string({"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "5366008", "Hippocampus"]})
-    painted = results.painted_labels([_painted_segment("Segment_1", "hippocampus", mask, (0.9, 0.5, 0.2), terminology)])
+    entry = terminology.terminology_string({"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "5366008", "Hippocampus"]})
+    painted = results.painted_labels([_painted_segment("Segment_1", "hippocampus", mask, (0.9, 0.5, 0.2), entry)])
     direction = np.array(image.GetDirection()).reshape(3, 3)
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing())
@@ -168,11 +169,14 @@ def test_painted_segmentation_file_is_what_adapt_reads(tmp_path, hippocampus_cas
     assert [(s.value, s.name) for s in labels.segments] == [(1, "hippocampus")]
     assert tuple(labels.segments[0].color) == pytest.approx((0.9, 0.5, 0.2))
     assert labels.segments[0].terminology["type"] == ["SCT", "5366008", "Hippocampus"]
-    assert results.terminology_string(labels.segments[0].terminology) == terminology
+    assert terminology.terminology_string(labels.segments[0].terminology) == entry
+    import slicerio
+
+    assert [s["id"] for s in slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]] == ["Segment_1"]  # Slicer's segment ID kept
     on_image = sitk.GetArrayFromImage(resample_labels_to(labels.image, image))  # same grid: voxel for voxel
     assert np.array_equal(on_image == 1, mask)
     assert labels.image.GetSize() == image.GetSize() and np.allclose(labels.image.GetOrigin(), image.GetOrigin())
-    assert results.terminology_from_string("") is None and results.terminology_from_string("a~b") is None
+    assert terminology.terminology_from_string("") is None and terminology.terminology_from_string("a~b") is None
     with pytest.raises(ValueError):
         results.write_painted_segmentation(tmp_path / "painted.nrrd", painted, np.eye(4))
 
@@ -185,7 +189,7 @@ def test_only_the_learned_structures_go_back():
 
 
 def _terminology(code, meaning="structure", context="a context"):
-    return f"{context}~SCT^123037004^Anatomical Structure~SCT^{code}^{meaning}~^^~{results.DICOM_ANATOMY_CONTEXT}~^^~^^"
+    return f"{context}~SCT^123037004^Anatomical Structure~SCT^{code}^{meaning}~^^~{terminology.DICOM_ANATOMY_CONTEXT}~^^~^^"
 
 
 def test_a_result_replaces_only_segments_of_the_same_structure():
@@ -199,7 +203,7 @@ def test_a_result_replaces_only_segments_of_the_same_structure():
     assert [(u.result_name, u.target_id) for u in plan] == [("liver", "s1"), ("Tumour", "s2"), ("kidney", "s3"), ("kidney", "s4"),
                                                             ("kidney", None), ("spleen", None)]
     assert results.plan_segment_merge([("liver", "")], []) == [results.SegmentUpdate("liver", None)]
-    assert results.terminology_codes("") is None and results.terminology_codes("not~an~entry") == (("", "not~an~entry"),)
+    assert terminology.terminology_codes("") is None and terminology.terminology_codes("not~an~entry") == (("", "not~an~entry"),)
     assert results.same_structure(" Liver ", "", "liver", _terminology("10200004"))
     assert not results.same_structure("liver", "", "liver left", "")
 
@@ -264,15 +268,30 @@ def test_odd_lines_never_break_parsing(line):
 # --- registry labels -> Slicer segments ------------------------------------------------------------
 
 def test_terminology_string_has_slicers_seven_fields():
-    text = results.terminology_string({"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "5366008", "Hippocampus"]})
+    text = terminology.terminology_string({"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "5366008", "Hippocampus"]})
     fields = text.split("~")
     assert len(fields) == 7
-    assert fields[0] == results.SLICER_ANATOMY_CONTEXT
+    assert fields[0] == terminology.SLICER_ANATOMY_CONTEXT
     assert fields[1:4] == ["SCT^123037004^Anatomical Structure", "SCT^5366008^Hippocampus", "^^"]
-    assert fields[4] == results.DICOM_ANATOMY_CONTEXT and fields[5:] == ["^^", "^^"]
-    assert results.terminology_string(None) == ""
-    with_modifier = results.terminology_string({"contextName": "C", "category": ["a", "b", "c"], "type": ["d", "e", "f"], "typeModifier": ["SCT", "7771000", "Left"]})
+    assert fields[4] == terminology.DICOM_ANATOMY_CONTEXT and fields[5:] == ["^^", "^^"]
+    assert terminology.terminology_string(None) == ""
+    with_modifier = terminology.terminology_string({"contextName": "C", "category": ["a", "b", "c"], "type": ["d", "e", "f"], "typeModifier": ["SCT", "7771000", "Left"]})
     assert with_modifier.split("~")[3] == "SCT^7771000^Left" and with_modifier.startswith("C~")
+
+
+def test_terminology_reads_back_as_it_was_written():
+    """The .seg.nrrd writer, the panel and the adapters share one conversion: dict -> tag string -> dict."""
+    card = {"category": ["SCT", "49755003", "Morphologically Altered Structure"], "type": ["SCT", "4147007", "Mass"],
+            "anatomicRegion": ["SCT", "23451007", "Adrenal gland"], "anatomicRegionModifier": ["SCT", "24028007", "Right"]}
+    text = terminology.terminology_string(card)
+    assert terminology.terminology_from_string(text) == terminology.complete_terminology(card)
+    assert terminology.terminology_string(terminology.terminology_from_string(text)) == text
+    # missing or empty context names get the ones Slicer's terminology widget needs; the card is not changed
+    completed = terminology.complete_terminology({**card, "contextName": ""})
+    assert (completed["contextName"], completed["anatomicContextName"]) == (terminology.SLICER_ANATOMY_CONTEXT, terminology.DICOM_ANATOMY_CONTEXT)
+    assert "anatomicContextName" not in card
+    assert terminology.terminology_from_string("ctx~^^~SCT^1^x~^^~~^^~^^") is None  # no category: not an entry
+    assert terminology.terminology_codes(text) == (("SCT", "49755003"), ("SCT", "4147007"), ("", ""), ("SCT", "23451007"), ("SCT", "24028007"))
 
 
 def test_segment_display_info_from_the_registry():
@@ -342,14 +361,24 @@ def test_job_environment_puts_the_library_first(tmp_path):
 
 
 def test_requirements_leave_out_what_slicer_and_the_pytorch_extension_provide():
-    requirements = environment.read_requirements(ROOT / "Resources" / "requirements.txt")
-    names = {environment.requirement_name(r).lower() for r in requirements}
+    requirements = dependencies.read_requirements(ROOT / "Resources" / "requirements.txt")
+    names = {dependencies.requirement_name(r).lower() for r in requirements}
     assert {"monai", "safetensors", "slicerio", "pynrrd", "psutil", "tqdm", "jsonschema"} <= names
     assert not names & {"torch", "simpleitk", "numpy", "vtk"}
     from packaging.requirements import Requirement  # every line is a valid requirement
 
     [Requirement(r) for r in requirements]
-    assert environment.requirement_name("monai[nibabel]>=1.3; python_version>'3'") == "monai"
+    assert dependencies.requirement_name("monai[nibabel]>=1.3; python_version>'3'") == "monai"
+
+
+def test_missing_requirements_are_the_absent_and_the_outdated():
+    import numpy
+
+    installed = f"numpy=={numpy.__version__}"
+    assert dependencies.missing_requirements([installed, "numpy>=1.0"]) == []
+    assert dependencies.missing_requirements([installed, "numpy<1.0", "surely-not-installed-pkg>=1"]) == ["numpy<1.0", "surely-not-installed-pkg>=1"]
+    assert dependencies.torch_installed()  # the test environment runs jobs, so it has torch
+    assert isinstance(dependencies.cuda_likely_available(), bool)
 
 
 def test_cpu_estimate_grows_with_the_volume_and_shrinks_with_threads():
@@ -364,7 +393,7 @@ def test_cpu_estimate_grows_with_the_volume_and_shrinks_with_threads():
 
 def test_diagnostics_text_has_versions_paths_and_the_last_error():
     text = environment.diagnostics_text({"Slicer home": "/opt/Slicer"}, {"command": ["py", "-m", "x"], "returncode": 1, "error": "boom", "stderr": "line1\nmed3dfm: error: boom"},
-                                        environment.installed_versions(["numpy", "surely-not-installed-pkg"]))
+                                        dependencies.installed_versions(["numpy", "surely-not-installed-pkg"]))
     assert "/opt/Slicer" in text and "med3dfm: error: boom" in text and "exit code  : 1" in text
     assert "surely-not-installed-pkg: not installed" in text and "numpy: " in text
 
@@ -513,11 +542,61 @@ def test_a_failing_job_gives_one_readable_message(tmp_path):
     assert not (tmp_path / "o.seg.nrrd").exists()
 
 
+def test_a_short_job_runs_to_its_end_with_a_summary_for_diagnostics(tmp_path):
+    """`models list/remove/import` run without progress: the process, and its one-line error for the panel."""
+    failing = [sys.executable, "-c", "import sys; print('{}'); print('step 1', file=sys.stderr); print('med3dfm: error: boom', file=sys.stderr); sys.exit(3)"]
+    completed, summary = jobs.run_to_end(failing, env=dict(os.environ), timeout=60)
+    assert completed.returncode == 3 and completed.stdout.strip() == "{}"
+    assert summary == {"command": failing, "returncode": 3, "stderr": completed.stderr, "error": "med3dfm: error: boom"}
+    completed, summary = jobs.run_to_end([sys.executable, "-c", "pass"], timeout=60)
+    assert completed.returncode == 0 and summary["error"] is None
+    lines = "\n".join(['{"stage": "import", "fraction": 1.0}', "note", '{"result": "imported", "id": "x", "path": "/m/x/1.0.0/x.safetensors"}'])
+    assert jobs.imported_model_path(lines) == Path("/m/x/1.0.0/x.safetensors")
+    assert jobs.imported_model_path('{"result": "skipped", "id": "x"}') is None
+    error = jobs.Med3DFMJobError("the job failed", "traceback ...")
+    assert str(error) == "the job failed" and error.details == "traceback ..." and isinstance(error, RuntimeError)
+
+
+def test_a_learned_adapter_is_kept_with_its_record(tmp_path):
+    job_folder, kept = tmp_path / "job", tmp_path / "adapters"
+    job_folder.mkdir()
+    (job_folder / "left-atrium.safetensors").write_bytes(b"weights")
+    (job_folder / "left-atrium.json").write_text(json.dumps({"command": "adapt", "adapter": {"id": "left-atrium"}}))
+    adapter, record = results.keep_adapter(job_folder / "left-atrium.safetensors", kept)
+    assert adapter == kept / "left-atrium.safetensors" and adapter.read_bytes() == b"weights"
+    assert record["adapter"]["id"] == "left-atrium" and json.loads((kept / "left-atrium.json").read_text()) == record
+    (job_folder / "other.safetensors").write_bytes(b"w")
+    (job_folder / "other.json").write_text(json.dumps({"command": "segment"}))
+    with pytest.raises(ValueError, match="adapt job"):
+        results.keep_adapter(job_folder / "other.safetensors", kept)
+
+
 # --- the module file and its .ui --------------------------------------------------------------------
 
+def _helper_files():
+    """The Python files of the module's two helper packages (Slicer-free, and Slicer-side)."""
+    return sorted((MODULE_DIR / "Med3DFMSupport").glob("*.py")) + sorted((MODULE_DIR / "Med3DFMSlicer").glob("*.py"))
+
+
 def test_module_files_byte_compile(tmp_path):
-    for path in [MODULE_FILE, *sorted((MODULE_DIR / "Med3DFMSupport").glob("*.py"))]:
+    for path in [MODULE_FILE, *_helper_files()]:
         py_compile.compile(str(path), cfile=str(tmp_path / (path.name + "c")), doraise=True)
+
+
+def test_reload_rereads_every_helper_after_what_it_imports():
+    """Developer mode's Reload (Med3DFMWidget.onReload) re-reads the helper modules in HELPER_MODULES' order."""
+    from Med3DFMSlicer import HELPER_MODULES  # the package itself imports nothing from Slicer
+
+    files = {f"{path.parent.name}.{path.stem}": path for path in _helper_files() if path.stem != "__init__"}
+    assert sorted(HELPER_MODULES) == sorted(files)
+    for name, path in files.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in ("Med3DFMSupport", "Med3DFMSlicer"):
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names} & set(files)
+            elif isinstance(node, ast.ImportFrom) and node.module in files:
+                imported.add(node.module)
+        assert all(HELPER_MODULES.index(other) < HELPER_MODULES.index(name) for other in imported), (name, imported)
 
 
 def _ui_names():
@@ -544,10 +623,31 @@ def test_every_widget_the_code_uses_is_in_the_ui():
 
 def test_ui_parameter_names_are_parameter_node_fields():
     _widgets, bound = _ui_names()
-    module = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    module = ast.parse((MODULE_DIR / "Med3DFMSlicer" / "parameters.py").read_text(encoding="utf-8"))
     wrapper = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "Med3DFMParameterNode")
     fields = {s.target.id for s in wrapper.body if isinstance(s, ast.AnnAssign)}
     assert set(bound.values()) <= fields and {"inputVolume", "outputSegmentation"} <= set(bound.values())
+
+
+def test_fixed_combo_boxes_hold_the_values_the_jobs_take(tmp_path):
+    """Each fixed combo box of the .ui has one item per value in choices.py, and every value is one the
+    command line accepts; an index picks a value, an unknown value shows the first item."""
+    tree = ET.parse(UI_FILE)
+    items = {w.get("name"): len(w.findall("item")) for w in tree.iter("widget") if w.get("class") in ("QComboBox", "ctkComboBox")}
+    assert {name: items.get(name) for name in choices.COMBO_BOX_VALUES} == {name: len(v) for name, v in choices.COMBO_BOX_VALUES.items()}
+    for device in choices.DEVICES:
+        jobs.segment_command("py", tmp_path / "i.nrrd", tmp_path / "o.seg.nrrd", choices.DEFAULT_MODEL, device)
+    for mode in choices.LEARN_MODES:
+        jobs.adapt_command("py", "i.nrrd", "l.seg.nrrd", "x", "x.safetensors", mode)
+    for method in choices.HEATMAP_METHODS[1:]:  # the first, "none", is no heatmap at all
+        jobs.classify_command("py", "i.nrrd", "r.tsv", "m", heatmap="h.nrrd", heatmap_method=method)
+    for method in choices.EXPLAIN_METHODS:
+        jobs.explain_command("py", "i.nrrd", "h.nrrd", choices.DEFAULT_MODEL, "t", method)
+    assert choices.HEATMAP_METHODS[0] == "none" and choices.LEARN_SOURCES == ("thisScan", "otherPatients")
+    assert choices.index_of(choices.DEVICES, "cuda") == 2 and choices.index_of(choices.DEVICES, "tpu") == 0
+    assert choices.value_at(choices.DEVICES, 1) == "cpu" and choices.value_at(choices.DEVICES, -1) is None and choices.value_at(choices.DEVICES, 3) is None
+    registry = environment.read_registry(ROOT / "Resources" / "models.json")
+    assert environment.registry_entry(registry, choices.DEFAULT_MODEL) is not None
 
 
 def test_every_button_runs_a_command_the_cli_has(tmp_path):
@@ -638,8 +738,8 @@ def test_extension_metadata():
     for path in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png", "Resources/models.json", "Resources/models.schema.json",
                  "Resources/requirements.txt", "Med3DFMSupport/jobs.py"):
         assert path in module_cmake
-    for support in (MODULE_DIR / "Med3DFMSupport").glob("*.py"):
-        assert f"Med3DFMSupport/{support.name}" in module_cmake
+    for helper in _helper_files():
+        assert f"{helper.parent.name}/{helper.name}" in module_cmake
 
 
 # --- the Logic on the stand-in: node -> file -> real job -> nodes ---------------------------------------
@@ -751,7 +851,7 @@ def test_logic_keeps_the_users_segments_in_the_chosen_output_node(module, hippoc
     assert previous.GetTerminology() != anterior.terminology  # the same codes, written differently
     segmentation.AddSegment(previous, "previous result")
     namesake = slicer_standin.Segment("posterior hippocampus", (0, 0, 1), lesion, ijk_to_ras)  # same name, another structure
-    namesake.SetTag("TerminologyEntry", results.terminology_string({"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+    namesake.SetTag("TerminologyEntry", terminology.terminology_string({"category": ["SCT", "49755003", "Morphologically Altered Structure"],
                                                                     "type": ["SCT", "108369006", "Tumor"]}))
     segmentation.AddSegment(namesake, "posterior_hippocampus_2")  # the ID of the result's segment in its .seg.nrrd
     user_before = {sid: row for sid, *row in _segment_table(segmentation) if sid != "previous result"}
@@ -1116,7 +1216,7 @@ def test_logic_cancel_keeps_the_best_model_so_far(module, other_patients):
 
 # --- Classify and Explain on the stand-in: node -> file -> real job -> table and heatmap overlay ----------
 
-ADRENAL = ROOT.parent / "shared" / "data" / "adrenal" / "adrenalmnist3d_64_trainval.npz"
+ADRENAL = ROOT / "Testing" / "Data" / "adrenal" / "adrenalmnist3d_64_trainval_subset.npz"  # the first scans of each class, as in test_classify.py
 
 
 def _write_scan(array, path):
@@ -1252,5 +1352,7 @@ def test_the_slicer_self_test_runs(module):
 
     test = module.Med3DFMTest()
     test.runTest()
-    sample = slicer_standin.sys.modules["SampleData"].SampleDataLogic.sources[module.SAMPLE_NAME]
+    from Med3DFMSlicer.sample_data import SAMPLE_NAME
+
+    sample = slicer_standin.sys.modules["SampleData"].SampleDataLogic.sources[SAMPLE_NAME]
     assert sample["checksums"].startswith("SHA256:") and sample["uris"].startswith("file:")
