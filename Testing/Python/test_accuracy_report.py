@@ -136,10 +136,6 @@ def test_peers_marked_and_transcribed(report: str) -> None:
         assert peer["protocol"] == "same" or peer["protocol"].startswith("different protocol: "), peer
         assert peer["value"] in peer["source"], peer
         assert peer["section"] in accuracy_report.SECTIONS, peer
-    if REFERENCES.is_file():  # the shared notes sit beside the checkout; every quoted line must be there verbatim
-        references = _norm(REFERENCES.read_text(encoding="utf-8"))
-        for peer in accuracy_report.PEERS:
-            assert _norm(peer["source"]) in references, peer["source"]
     rows = 0
     for block in re.findall(r"\| peer \| task, metric \| published \| protocol \|\n\|[^\n]*\n((?:\|[^\n]*\n)+)", report):
         for line in block.splitlines():
@@ -148,6 +144,14 @@ def test_peers_marked_and_transcribed(report: str) -> None:
             rows += 1
     assert rows == len(accuracy_report.PEERS)
     assert report.count("**Where we lose, and to whom") == 6
+
+
+@pytest.mark.shared
+def test_peers_are_quoted_verbatim_from_the_shared_references() -> None:
+    """Every published figure the report quotes is a line of ../shared/REFERENCES.md, word for word."""
+    references = _norm(REFERENCES.read_text(encoding="utf-8"))
+    for peer in accuracy_report.PEERS:
+        assert _norm(peer["source"]) in references, peer["source"]
 
 
 def test_missing_input_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:

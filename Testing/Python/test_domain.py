@@ -66,6 +66,7 @@ def test_every_bundled_card_declares_a_domain():
     assert read_card(ROOT / "Resources" / "models" / f"{DEMO}.safetensors")["domain"] == demo
 
 
+@pytest.mark.shared
 def test_the_demo_domain_is_what_its_training_data_measure():
     """The card's numbers come from scripts/measure_domain.py on the 144 training crops, not by hand."""
     from measure_domain import demo_domain
@@ -77,6 +78,7 @@ def test_the_demo_domain_is_what_its_training_data_measure():
     assert all(25 < lo < hi < 60 for lo, hi in zip(low, high))  # crops of about 35 x 50 x 35 mm
 
 
+@pytest.mark.shared
 def test_the_held_out_crops_fit_and_every_other_shared_scan_does_not():
     """No bundled model accepts a scan outside its domain; its own held-out test cases are all accepted."""
     from test_shared_data import VOLUMES
@@ -92,6 +94,20 @@ def test_the_held_out_crops_fit_and_every_other_shared_scan_does_not():
             continue
         verdict = domain.check(domain.measure_image(read_volume(SHARED / relative)), demo, DEMO)
         assert not verdict.fits and verdict.mismatches, relative
+
+
+def test_the_shipped_held_out_crops_fit_and_every_other_shipped_scan_does_not():
+    """The same on Testing/Data: the demo model's held-out crops there (014, 024, 035) fit; the CT
+    fixtures, the whole-brain T1 and the breast MR crop do not."""
+    demo = _registry_entry(DEMO)["domain"]
+    crops = sorted((DATA / "hippocampus" / "images").glob("*.nii.gz"))
+    assert [p.name[12:15] for p in crops] == ["014", "024", "035"]
+    for crop in crops:
+        verdict = domain.check(domain.measure_image(read_volume(crop)), demo, DEMO)
+        assert verdict.fits and verdict.deviation < 0.5, (crop.name, verdict.reason())
+    for other in [*CT_FIXTURES, WHOLE_BRAIN, BREAST_CROP]:
+        verdict = domain.check(domain.measure_image(read_volume(other)), demo, DEMO)
+        assert not verdict.fits and verdict.mismatches, other.name
 
 
 # --- part 2: the check in `med3dfm segment` -------------------------------------------------------

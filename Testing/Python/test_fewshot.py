@@ -102,8 +102,8 @@ def test_unusable_labels_are_refused(tmp_path, case, data_dir, problem, capsys):
         lab = sitk.GetImageFromArray(sitk.GetArrayFromImage(labels))
         lab.CopyInformation(labels)
         lab.SetOrigin([o + 300 for o in labels.GetOrigin()])
-    if problem == "other-patient":  # the brain volume's labels are far larger than this crop
-        lab = sitk.ReadImage(str(Path(__file__).resolve().parents[3] / "shared" / "data" / "brain" / "test_scan_seg.nii.gz"))
+    if problem == "other-patient":  # the brain volume's labels (FreeSurfer aseg at 4 mm) are far larger than this crop
+        lab = sitk.ReadImage(str(data_dir / "brain" / "aseg_4mm.nii.gz"))
     path = tmp_path / "labels.nii.gz"
     sitk.WriteImage(lab, str(path))
     segments_file = path

@@ -18,6 +18,7 @@ from Med3DFMLib.cli import main
 from Med3DFMLib.io.volumes import ijk_to_lps, read_volume
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+pytestmark = pytest.mark.shared  # every test here sweeps ../shared/data (`make test-shared`)
 
 VOLUMES = [
     "totalseg/example_ct_sm.nii.gz",
@@ -56,3 +57,32 @@ def test_segment_every_shared_volume(tmp_path, relative, capsys):
     assert np.allclose(seg["ijkToLPS"], ijk_to_lps(image), atol=1e-4)
     assert seg["voxels"].shape == image.GetSize()
     assert (tmp_path / "out.json").is_file()
+
+
+def test_the_copies_in_testing_data_are_what_shared_data_holds():
+    """Testing/Data's copies (ATTRIBUTION.md) are byte for byte the files of ../shared/data, and its two
+    derived files are what their recipe gives: the adrenal subset and the 4 mm aseg."""
+    import SimpleITK as sitk
+
+    data = Path(__file__).resolve().parents[1] / "Data"
+    copies = [p for p in data.rglob("*") if p.is_file() and p.name != "ATTRIBUTION.md" and p.suffix != ".npz" and p.name not in ("t1_brain_4mm.nii.gz", "aseg_4mm.nii.gz")]
+    for path in copies:
+        relative = path.relative_to(data)
+        source = SHARED / (relative.relative_to("evaluation") if relative.parts[0] == "evaluation" else relative)
+        assert source.is_file() and source.read_bytes() == path.read_bytes(), relative
+    # the first 12 + 12 training and 4 + 4 validation masks of each class, in their order, same keys
+    full = np.load(SHARED / "adrenal" / "adrenalmnist3d_64_trainval.npz")
+    subset = np.load(data / "adrenal" / "adrenalmnist3d_64_trainval_subset.npz")
+    assert subset.files == full.files
+    for split, per_class in (("train", 12), ("val", 4)):
+        labels = full[f"{split}_labels"].ravel()
+        chosen = np.sort(np.concatenate([np.nonzero(labels == c)[0][:per_class] for c in (0, 1)]))
+        for key in (f"{split}_images", f"{split}_labels"):
+            assert subset[key].dtype == full[key].dtype and np.array_equal(subset[key], full[key][chosen]), key
+    # the FreeSurfer labels resampled (nearest neighbour) onto the grid of t1_brain_4mm.nii.gz
+    aseg = sitk.ReadImage(str(SHARED / "brain" / "test_scan_seg.nii.gz"))
+    grid = sitk.ReadImage(str(data / "brain" / "t1_brain_4mm.nii.gz"))
+    expected = sitk.Resample(aseg, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, aseg.GetPixelID())
+    shipped = sitk.ReadImage(str(data / "brain" / "aseg_4mm.nii.gz"))
+    assert shipped.GetPixelID() == aseg.GetPixelID() and np.array_equal(sitk.GetArrayFromImage(shipped), sitk.GetArrayFromImage(expected))
+    assert np.allclose(ijk_to_lps(shipped), ijk_to_lps(grid))
