@@ -103,9 +103,11 @@ class DecoderAdapterExplainer(ModelExplainer):
         super().__init__(self.decoder, (window, window, window), device)
 
     def probabilities(self, array: np.ndarray) -> np.ndarray:
+        """The network's own answer (with its label atlas): the maps explain the network, and occlusion
+        would otherwise re-register every labelled volume for each occluded copy."""
         from Med3DFMLib.fewshot.decoder import predict_volume
 
-        return predict_volume(self.encoder, self.decoder, array)
+        return predict_volume(self.encoder, self.decoder, array, registration=False)
 
     def gradcam(self, array: np.ndarray, region: np.ndarray, target: int) -> np.ndarray:
         multiple = self.encoder.config.window_multiple

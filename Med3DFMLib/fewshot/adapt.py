@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -140,6 +140,7 @@ def run_adapt(
     propagate: bool = True,
     budget_minutes: float = DEFAULT_BUDGET_MINUTES,
     should_stop: Optional[Callable[[], bool]] = None,
+    registration: bool = True,
 ) -> Dict[str, Any]:
     """Learn an adapter from labelled images; optionally segment the first image with it.
 
@@ -150,7 +151,8 @@ def run_adapt(
     decoder training early and keeps the best model so far.
     The first image's segmentation (`segment_output`) combines, with `propagate`, the adapter's
     evidence with the painted outlines and the image's edges (fewshot.propagate); without it, it is
-    what the adapter alone gives on any other scan.
+    what the adapter alone gives on any other scan. `registration` (decoder, two or more volumes)
+    keeps the labelled volumes in the adapter file for multi-atlas registration (fewshot.registration).
     """
     progress = progress or Progress("none")
     if not pairs:
@@ -167,7 +169,7 @@ def run_adapt(
             raise Med3DFMError(f"--segment output must end in .seg.nrrd: {segment_output}")
         check_writable(segment_output)
     record = new_record("adapt")
-    record["parameters"] = {"name": name, "mode": mode, "dense": dense, "axis": axis, "propagate": propagate, "encoder": encoder_spec, "images": [str(i) for i, _ in pairs], "labels": [str(l) for _, l in pairs]}
+    record["parameters"] = {"name": name, "mode": mode, "dense": dense, "axis": axis, "propagate": propagate, "registration": registration, "encoder": encoder_spec, "images": [str(i) for i, _ in pairs], "labels": [str(l) for _, l in pairs]}
     started = time.perf_counter()
     device = choose_device(device_name)
     progress.update("load", 0.0, "loading encoder")
@@ -198,7 +200,7 @@ def run_adapt(
         mode = "decoder" if (len(pairs) > 1 or dense) else "adapter"
         record["parameters"]["mode"] = f"auto: {mode}"
     if mode == "decoder":
-        return _run_decoder(pairs, images, supervisions, classes, name, output, encoder, device, budget_minutes, segment_output, seed, record, started, progress, should_stop)
+        return _run_decoder(pairs, images, supervisions, classes, name, output, encoder, device, budget_minutes, segment_output, seed, record, started, progress, should_stop, registration)
 
     prepared, train_points, val_points, all_points = [], [], [], []
     hits = 0
@@ -310,11 +312,12 @@ def _model_grid_volume(image: sitk.Image, targets: np.ndarray, spec: InputSpec):
     shifted = sitk.GetImageFromArray((targets.astype(np.int32) + 1).astype(np.uint16))  # IGNORE (-1) → 0
     shifted.CopyInformation(image)
     on_grid = labels_to_model_grid(shifted, grid) - 1
-    return LabelledVolume(array, on_grid.astype(np.int16)), grid
+    return LabelledVolume(array, on_grid.astype(np.int16), tuple(float(s) for s in reversed(grid.GetSpacing()))), grid
 
 
-def _run_decoder(pairs, images, supervisions, classes, name, output, encoder, device, budget_minutes, segment_output, seed, record, started, progress, should_stop) -> Dict[str, Any]:
+def _run_decoder(pairs, images, supervisions, classes, name, output, encoder, device, budget_minutes, segment_output, seed, record, started, progress, should_stop, registration) -> Dict[str, Any]:
     """`adapt --mode decoder`: train a FeatureDecoder within the budget, write it with its card."""
+    from Med3DFMLib.fewshot import registration as reg
     from Med3DFMLib.fewshot.decoder import predict_volume, train_decoder
     from Med3DFMLib.weights import write_weights
 
@@ -331,12 +334,17 @@ def _run_decoder(pairs, images, supervisions, classes, name, output, encoder, de
     tick = time.perf_counter()
     module = encoder.module.to(device)
     with StopRequest(stop_file_for(output), should_stop) as stop:
-        decoder, summary = train_decoder(module, volumes, len(classes), [c.name for c in classes], budget_minutes * 60.0, seed=seed, progress=progress, should_stop=stop)
+        decoder, summary = train_decoder(module, volumes, len(classes), [c.name for c in classes], budget_minutes * 60.0, seed=seed, progress=progress, should_stop=stop,
+                                        registration=registration)
     timings["train"] = round(time.perf_counter() - tick, 3)
     architecture = {"type": "feature-decoder", "num_classes": len(classes), "level_channels": [int(c) for c in decoder.level_channels], "widths": [int(w) for w in decoder.widths],
                     "atlas": decoder.uses_atlas}
+    tensors = {k: v.contiguous() for k, v in decoder.state_dict().items()}
+    if decoder.registration is not None:
+        architecture["registration"] = decoder.registration.card()
+        tensors.update(reg.to_tensors(decoder.registration.atlases))
     card = _adapter_card(name, "decoder", classes, architecture, decoder, encoder, spec, pairs, images, supervisions, summary, started)
-    sha = write_weights(output, {k: v.contiguous() for k, v in decoder.state_dict().items()}, card)
+    sha = write_weights(output, tensors, card)
     record["adapter"] = {"file": str(output), "sha256": sha, "id": card["id"], "classes": [c.name for c in classes], "parameters": card["parameters"]}
     record["encoder"] = card["encoder"]
     record["training"] = {k: v for k, v in summary.items() if k != "history"}
@@ -401,10 +409,20 @@ def _propagate(volume: PreparedVolume, probabilities: np.ndarray, targets: np.nd
 
 def load_adapter_model(tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -> torch.nn.Module:
     architecture = card["architecture"]
+    atlases: List[Any] = []
     if architecture.get("type") == "feature-decoder":
+        from Med3DFMLib.fewshot import registration as reg
         from Med3DFMLib.fewshot.decoder import FeatureDecoder
 
         adapter = FeatureDecoder(architecture["level_channels"], architecture["num_classes"], architecture["widths"], architecture.get("atlas", False))
+        try:
+            tensors, atlases = reg.split_tensors(tensors)
+            if architecture.get("registration"):
+                adapter.registration = reg.AtlasPrior.from_card(architecture["registration"], atlases, architecture["num_classes"])
+            elif atlases:
+                raise ValueError("the adapter file holds registration atlases its card does not declare")
+        except (ValueError, KeyError, TypeError) as err:
+            raise Med3DFMError(f"damaged adapter file: {err}") from None
     else:
         adapter = build_adapter(architecture)
     adapter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})

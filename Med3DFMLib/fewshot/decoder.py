@@ -17,6 +17,10 @@ labelled for one structure are usually framed alike (crops around it, one protoc
 view), and from five hippocampus crops the atlas alone scored 0.68 Dice on unseen crops. Pooling
 raised the decoder's Dice on development crops by 0.03; as input channels the same atlas lowered it
 (the network leaned on the noisier leave-one-out atlases it was trained with).
+
+With two or more labelled volumes whose grid is known, the decoder also keeps the volumes
+themselves for multi-atlas registration (fewshot.registration): at inference they are registered
+onto the new scan, their labels vote, and the decoder's probabilities are pooled with the votes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from torch import nn
 
 from Med3DFMLib.cpu import flush_denormals
 from Med3DFMLib.fewshot.labels import IGNORE
+from Med3DFMLib.fewshot.registration import MIN_VOLUMES as MIN_REGISTRATION_VOLUMES
+from Med3DFMLib.fewshot.registration import AtlasPrior, choose_weight, make_atlas, votes
 from Med3DFMLib.progress import Progress
 
 DEFAULT_WIDTHS = (128, 64, 48, 24, 16)  # stride 16, 8, 4, 2, 1
@@ -63,6 +69,7 @@ class FeatureDecoder(nn.Module):
     def __init__(self, level_channels: Sequence[int], num_classes: int, widths: Sequence[int] = DEFAULT_WIDTHS, atlas: bool = False) -> None:
         super().__init__()
         self.level_channels, self.widths, self.uses_atlas = list(level_channels), list(widths), bool(atlas)
+        self.registration: Optional[AtlasPrior] = None  # the labelled volumes for registration (not a tensor buffer: shapes vary)
         if self.uses_atlas:  # stored with the weights: the labelled volumes' label atlas and its pooling weight
             self.register_buffer("atlas", torch.zeros(num_classes, ATLAS_GRID, ATLAS_GRID, ATLAS_GRID))
             self.register_buffer("atlas_weight", torch.tensor(DEFAULT_ATLAS_WEIGHT))
@@ -173,6 +180,7 @@ class LabelledVolume:
 
     image: np.ndarray
     targets: np.ndarray
+    spacing_zyx: Optional[Tuple[float, float, float]] = None  # of the model grid; needed for registration
 
 
 def _pad(array: np.ndarray, shape: Sequence[int], value: float) -> np.ndarray:
@@ -212,10 +220,11 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: 
     return ce + 1 - ((2 * intersection + 1) / (total + 1)).mean()
 
 
-def predict_volume(encoder: nn.Module, decoder: FeatureDecoder, image: np.ndarray, window: int = 96, overlap: float = 0.25, atlas: bool = True) -> np.ndarray:
+def predict_volume(encoder: nn.Module, decoder: FeatureDecoder, image: np.ndarray, window: int = 96, overlap: float = 0.25, atlas: bool = True, registration: bool = True) -> np.ndarray:
     """Class probabilities (C+1, D, H, W) on the model grid: Gaussian-blended sliding windows of
     encoder + decoder (each window no larger than the volume, rounded up to the encoder's multiple),
-    pooled with the decoder's atlas if it has one (`atlas` False: the network alone)."""
+    pooled with the decoder's label atlas and its registered atlases' votes where it has them
+    (`atlas`, `registration` False: without them)."""
     from monai.inferers import sliding_window_inference
 
     multiple = encoder.config.window_multiple
@@ -230,6 +239,8 @@ def predict_volume(encoder: nn.Module, decoder: FeatureDecoder, image: np.ndarra
     probabilities = logits[0].softmax(0).numpy()
     if atlas and decoder.uses_atlas:
         probabilities = pool_with_atlas(probabilities, decoder.atlas.cpu().numpy(), float(decoder.atlas_weight))
+    if registration and decoder.registration is not None:
+        probabilities = decoder.registration.pool(probabilities, image)
     return probabilities
 
 
@@ -257,13 +268,16 @@ def train_decoder(
     widths: Sequence[int] = DEFAULT_WIDTHS,
     max_steps: Optional[int] = None,
     atlas: Optional[bool] = None,
+    registration: bool = True,
 ) -> Tuple[FeatureDecoder, Dict[str, Any]]:
     """Train a decoder over the frozen `encoder` for `budget_s` seconds of wall time (or until
     `should_stop()` or `max_steps`); returns the chosen state and a summary for the card.
 
     `atlas` (default: with MIN_ATLAS_VOLUMES or more volumes) keeps the volumes' label atlas for
     pooling; its weight is chosen on the held-out volume (whose atlas leaves it out) when there is
-    one, else DEFAULT_ATLAS_WEIGHT."""
+    one, else DEFAULT_ATLAS_WEIGHT. `registration` (with MIN_REGISTRATION_VOLUMES or more volumes
+    whose grid spacing is known) keeps the volumes themselves for multi-atlas registration at
+    inference, its pooling weight chosen on the held-out volume in the same way."""
     encoder.eval()
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
@@ -276,7 +290,28 @@ def train_decoder(
     summary = {"mode": "decoder", "trainable_parameters": int(sum(p.numel() for p in decoder.parameters())), **summary}
     if use_atlas:
         summary["atlas"] = _fit_atlas(encoder, trained, volumes, num_classes)
+    if registration and len(volumes) >= MIN_REGISTRATION_VOLUMES and all(v.spacing_zyx is not None for v in volumes):
+        summary["registration"] = _fit_registration(encoder, trained, volumes, num_classes, progress)
     return trained, summary
+
+
+def _fit_registration(encoder: nn.Module, decoder: FeatureDecoder, volumes: Sequence[LabelledVolume], num_classes: int, progress: Optional[Progress]) -> Dict[str, Any]:
+    """Keep the volumes as registration atlases; choose the pooling weight on the held-out volume,
+    with the votes of the other volumes' atlases."""
+    started = time.perf_counter()
+    spacing = volumes[0].spacing_zyx
+    assert spacing is not None
+    prior = AtlasPrior([make_atlas(v.image, v.targets, spacing) for v in volumes], spacing, num_classes)
+    decoder.registration = prior
+    if len(volumes) < HOLD_OUT_FROM:
+        return {"volumes": len(volumes), "weight": prior.weight, "chosen_by": "default (no held-out volume)", "seconds": round(time.perf_counter() - started, 2)}
+    if progress is not None:
+        progress.update("register", 0.0, f"registering {len(volumes) - 1} labelled volumes onto the held-out one")
+    held_out = volumes[-1]
+    probabilities = predict_volume(encoder, decoder, held_out.image, registration=False)
+    fraction = votes(held_out.image, spacing, prior.atlases[:-1], num_classes)
+    prior.weight, scores = choose_weight(probabilities, fraction, lambda labels: _dice(labels, held_out.targets, num_classes))
+    return {"volumes": len(volumes), "weight": prior.weight, "chosen_by": "held-out volume", "held_out_dice_by_weight": scores, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _fit_atlas(encoder: nn.Module, decoder: FeatureDecoder, volumes: Sequence[LabelledVolume], num_classes: int) -> Dict[str, Any]:
