@@ -230,3 +230,13 @@ def test_registration_atlases_travel_in_the_adapter_file(trained, data_dir):
     damaged = {k: v for k, v in tensors.items() if k != "registration.1.labels"}
     with pytest.raises(Med3DFMError, match="damaged adapter file"):
         load_adapter_model(damaged, card)
+
+
+def test_no_registration_keeps_no_images_in_the_adapter_file(data_dir, tmp_path):
+    """`adapt --no-registration`: the file holds the network and the label frequencies only."""
+    out = tmp_path / "private.safetensors"
+    assert main(["adapt", *_pairs(data_dir, tmp_path), "--name", "hippocampus", "--dense", "--budget-minutes", "0.05", "--no-registration", "-o", str(out), "--progress", "none", "--device", "cpu"]) == 0
+    tensors, card = read_weights(out)
+    assert "registration" not in card["architecture"] and not any(k.startswith("registration.") for k in tensors)
+    record = json.loads((tmp_path / "private.json").read_text())
+    assert record["parameters"]["registration"] is False
