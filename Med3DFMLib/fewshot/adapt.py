@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -409,7 +409,6 @@ def _propagate(volume: PreparedVolume, probabilities: np.ndarray, targets: np.nd
 
 def load_adapter_model(tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -> torch.nn.Module:
     architecture = card["architecture"]
-    atlases: List[Any] = []
     if architecture.get("type") == "feature-decoder":
         from Med3DFMLib.fewshot import registration as reg
         from Med3DFMLib.fewshot.decoder import FeatureDecoder
