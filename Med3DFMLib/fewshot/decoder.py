@@ -37,7 +37,7 @@ from torch import nn
 from Med3DFMLib.cpu import flush_denormals
 from Med3DFMLib.fewshot.labels import IGNORE
 from Med3DFMLib.fewshot.registration import MIN_VOLUMES as MIN_REGISTRATION_VOLUMES
-from Med3DFMLib.fewshot.registration import AtlasPrior, choose_weight, make_atlas, votes
+from Med3DFMLib.fewshot.registration import AtlasPrior, choose_weight, log_linear_pool, make_atlas, votes
 from Med3DFMLib.progress import Progress
 
 DEFAULT_WIDTHS = (128, 64, 48, 24, 16)  # stride 16, 8, 4, 2, 1
@@ -132,10 +132,7 @@ def pool_with_atlas(probabilities: np.ndarray, atlas: np.ndarray, weight: float)
     shape = probabilities.shape[1:]
     classes = np.stack([np.clip(ndimage.zoom(channel, [s / g for s, g in zip(shape, channel.shape)], order=1), 0.0, 1.0) for channel in atlas])
     prior = np.concatenate([np.clip(1.0 - classes.sum(0, keepdims=True), 0.0, 1.0), classes])
-    logp = np.log(np.clip(probabilities, 1e-6, 1.0)) + weight * np.log(prior + ATLAS_FLOOR)
-    logp -= logp.max(0, keepdims=True)
-    pooled = np.exp(logp)
-    return (pooled / pooled.sum(0, keepdims=True)).astype(np.float32)
+    return log_linear_pool(probabilities, prior, weight, ATLAS_FLOOR)
 
 
 def _round_up(n: int, multiple: int) -> int:

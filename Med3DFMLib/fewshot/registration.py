@@ -20,7 +20,7 @@ normalised intensities), and is as private as they are; `adapt --no-registration
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -118,7 +118,8 @@ def votes(image: np.ndarray, spacing_zyx: Sequence[float], atlases: Sequence[Atl
     its vote at a voxel is weighted by how well its warped intensities match there:
     exp(−local mean squared difference / LOCAL_SIMILARITY), so an atlas that registered badly in one
     region speaks less there (development crops: +0.02 Dice over equal votes)."""
-    full = _as_image(image.astype(np.float32), spacing_zyx)
+    intensities = image.astype(np.float32)
+    full = _as_image(intensities, spacing_zyx)
     coarse = _coarse_spacing(image.shape, spacing_zyx)
     fixed = full if coarse == tuple(float(s) for s in spacing_zyx) else _resampled(full, coarse, sitk.sitkLinear, float(image.min()))
     weighted = np.zeros((num_classes + 1,) + image.shape, dtype=np.float32)
@@ -127,7 +128,7 @@ def votes(image: np.ndarray, spacing_zyx: Sequence[float], atlases: Sequence[Atl
         moving = _as_image(atlas.image.astype(np.float32), atlas.spacing_zyx)
         transform = register(fixed, moving)
         warped = sitk.GetArrayFromImage(sitk.Resample(moving, full, transform, sitk.sitkLinear, 0.0))
-        mismatch = sitk.SmoothingRecursiveGaussian(_as_image((image.astype(np.float32) - warped) ** 2, spacing_zyx), LOCAL_WINDOW_MM)
+        mismatch = sitk.SmoothingRecursiveGaussian(_as_image((intensities - warped) ** 2, spacing_zyx), LOCAL_WINDOW_MM)
         weight = np.exp(-sitk.GetArrayFromImage(mismatch) / LOCAL_SIMILARITY).astype(np.float32)
         for cls in range(num_classes + 1):
             channel = _as_image((atlas.labels == cls).astype(np.float32), atlas.spacing_zyx)
@@ -138,14 +139,19 @@ def votes(image: np.ndarray, spacing_zyx: Sequence[float], atlases: Sequence[Atl
     return np.where(known, weighted / np.where(known, total, 1.0), 1.0 / (num_classes + 1)).astype(np.float32)
 
 
-def pool_with_votes(probabilities: np.ndarray, fraction: np.ndarray, weight: float) -> np.ndarray:
-    """Log-linear pooling of (C+1, ...) probabilities with the atlases' vote fractions."""
+def log_linear_pool(probabilities: np.ndarray, prior: np.ndarray, weight: float, floor: float) -> np.ndarray:
+    """(C+1, ...) probabilities pooled with a (C+1, ...) prior: p · (prior + floor)^weight, renormalised."""
     if weight <= 0:
         return probabilities
-    logp = np.log(np.clip(probabilities, 1e-6, 1.0)) + weight * np.log(fraction + VOTE_FLOOR)
+    logp = np.log(np.clip(probabilities, 1e-6, 1.0)) + weight * np.log(prior + floor)
     logp -= logp.max(0, keepdims=True)
     pooled = np.exp(logp)
     return (pooled / pooled.sum(0, keepdims=True)).astype(np.float32)
+
+
+def pool_with_votes(probabilities: np.ndarray, fraction: np.ndarray, weight: float) -> np.ndarray:
+    """Log-linear pooling of (C+1, ...) probabilities with the atlases' vote fractions."""
+    return log_linear_pool(probabilities, fraction, weight, VOTE_FLOOR)
 
 
 def to_tensors(atlases: Sequence[Atlas]) -> Dict[str, torch.Tensor]:
@@ -191,11 +197,11 @@ class AtlasPrior:
     num_classes: int
     weight: float = DEFAULT_WEIGHT
 
-    def pool(self, probabilities: np.ndarray, image: np.ndarray, atlases: Optional[Sequence[Atlas]] = None) -> np.ndarray:
+    def pool(self, probabilities: np.ndarray, image: np.ndarray) -> np.ndarray:
         """`probabilities` (C+1, ...) of model-grid `image` pooled with the atlases' votes."""
         if self.weight <= 0:
             return probabilities
-        return pool_with_votes(probabilities, votes(image, self.spacing_zyx, self.atlases if atlases is None else atlases, self.num_classes), self.weight)
+        return pool_with_votes(probabilities, votes(image, self.spacing_zyx, self.atlases, self.num_classes), self.weight)
 
     def card(self) -> Dict[str, object]:
         return {"atlases": len(self.atlases), "spacing_zyx": list(self.spacing_zyx), "weight": self.weight, "contains_images": True,
