@@ -13,13 +13,13 @@ import sys
 from typing import List, Optional
 
 from Med3DFMLib import __version__
-from Med3DFMLib.commands import adapt, classify, explain, pretrain, segment
+from Med3DFMLib.commands import adapt, classify, devices, explain, pretrain, segment
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress, default_mode
 from Med3DFMLib.registry.cli import add_models_parser
 
 # Each adds its own parser and runs it; `med3dfm --help` lists them in this order, then `models`.
-SUBCOMMANDS = (segment, adapt, pretrain, classify, explain)
+SUBCOMMANDS = (segment, adapt, pretrain, classify, explain, devices)
 
 
 def build_parser() -> argparse.ArgumentParser:

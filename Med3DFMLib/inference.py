@@ -28,16 +28,23 @@ GIB = 1024**3
 
 
 def choose_device(name: str = "auto") -> torch.device:
-    """`auto` prefers CUDA; asking for CUDA where there is none is an error, not a silent fallback."""
+    """`auto` prefers CUDA, then Apple MPS (Med3DFMLib.devices); asking for a device that is not
+    there is an error, not a silent fallback."""
+    from Med3DFMLib.devices import best_device_name, mps_available
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(best_device_name())
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise Med3DFMError("--device cuda was asked for, but no CUDA GPU is available to PyTorch")
+            raise Med3DFMError("--device cuda was asked for, but no CUDA GPU is available to PyTorch (`med3dfm devices` shows what is)")
         return torch.device("cuda")
+    if name == "mps":
+        if not mps_available():
+            raise Med3DFMError("--device mps was asked for, but Apple's Metal backend is not available to PyTorch here (`med3dfm devices` shows what is)")
+        return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
-    raise Med3DFMError(f"unknown device {name!r}; use auto, cpu or cuda")
+    raise Med3DFMError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
 
 
 def available_memory(device: torch.device) -> int:

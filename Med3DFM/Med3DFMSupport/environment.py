@@ -115,8 +115,11 @@ def describe_duration(seconds: float) -> str:
     return f"about {seconds / 3600.0:.1f} h"
 
 
-def diagnostics_text(info: Mapping[str, Any], last_job: Optional[Mapping[str, Any]] = None, package_versions: Optional[Mapping[str, Optional[str]]] = None) -> str:
-    """Plain text for the clipboard: what a maintainer needs to understand a problem report."""
+def diagnostics_text(info: Mapping[str, Any], last_job: Optional[Mapping[str, Any]] = None, package_versions: Optional[Mapping[str, Optional[str]]] = None,
+                     devices: str = "") -> str:
+    """Plain text for the clipboard: what a maintainer needs to understand a problem report.
+
+    `devices`: what `med3dfm devices` printed in the job interpreter (torch build, GPUs, driver, RAM)."""
     lines = ["Med3DFM diagnostics", "==================="]
     base = {
         "platform": platform.platform(),
@@ -129,6 +132,8 @@ def diagnostics_text(info: Mapping[str, Any], last_job: Optional[Mapping[str, An
     if package_versions:
         lines += ["", "Python packages (Slicer's environment)"]
         lines += [f"  {name}: {version or 'not installed'}" for name, version in package_versions.items()]
+    if devices:
+        lines += ["", "Devices (med3dfm devices, in the job interpreter)"] + ["  " + line for line in devices.rstrip().splitlines()]
     if last_job:
         lines += ["", "Last job"]
         lines.append(f"  command    : {' '.join(str(a) for a in last_job.get('command', []))}")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
-    """`--device auto|cpu|cuda` (auto: CUDA when PyTorch sees a GPU)."""
-    parser.add_argument("--device", choices=list(DEVICES), default="auto")
+    """`--device auto|cpu|cuda|mps` (auto: CUDA when PyTorch sees a GPU, else Apple MPS, else the CPU)."""
+    parser.add_argument("--device", choices=list(DEVICES), default="auto", help="auto (default): CUDA, else Apple MPS, else the CPU; `med3dfm devices` lists them")
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
