@@ -122,20 +122,35 @@ def probabilities_on(probabilities: np.ndarray, grid: sitk.Image, reference: sit
 
 
 def probabilities_to_labels(probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Arg-max label map on the reference (input) grid from class probabilities on the model grid.
+    """Arg-max label map on the reference (input) grid from class probabilities on the model grid."""
+    return labels_and_confidence(probabilities, grid, reference, None)[0]
+
+
+def labels_and_confidence(probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image, measure: Optional[str]) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+    """Arg-max label map and, if `measure` is given, a confidence volume, both on the reference grid.
 
     Each class channel is resampled linearly in physical space and a running maximum is kept, so
-    memory stays at two float volumes of the input's size whatever the number of classes.
+    memory stays at two float volumes of the input's size whatever the number of classes (three
+    with the entropy). `measure` (Med3DFMLib.confidence.MEASURES): "max-probability", the winning
+    class's probability; "entropy", 1 − entropy / log(number of classes) (1: one class certain,
+    0: all equally likely). Both are high where the model is sure.
     """
+    if measure not in (None, "max-probability", "entropy"):
+        raise ValueError(f"unknown confidence measure {measure!r}")
     best_value: Optional[np.ndarray] = None
     best_label: Optional[np.ndarray] = None
     better: Optional[np.ndarray] = None
+    entropy: Optional[np.ndarray] = None
     for label, channel in enumerate(probabilities):
         channel_image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
         channel_image.CopyInformation(grid)
         fill = 1.0 if label == 0 else 0.0
         resampled = sitk.Resample(channel_image, reference, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32)
         on_input = sitk.GetArrayViewFromImage(resampled)  # a view: `resampled` stays alive until the next class
+        if measure == "entropy":
+            p = np.clip(on_input, 1e-12, 1.0)
+            term = p * np.log(p)
+            entropy = -term if entropy is None else entropy - term
         if best_value is None:
             best_value = np.array(on_input)
             best_label = np.zeros(on_input.shape, dtype=np.uint8 if len(probabilities) <= 256 else np.uint16)
@@ -144,9 +159,18 @@ def probabilities_to_labels(probabilities: np.ndarray, grid: sitk.Image, referen
             # in place, no temporaries: on a 512×512×300 CT each boolean-indexed copy cost ~0.5 s
             np.greater(on_input, best_value, out=better)
             np.copyto(best_label, label, where=better)  # type: ignore[arg-type]
-            if label < len(probabilities) - 1:
+            if label < len(probabilities) - 1 or measure == "max-probability":
                 np.copyto(best_value, on_input, where=better)  # type: ignore[arg-type]
-    assert best_label is not None
+    assert best_label is not None and best_value is not None
     result = sitk.GetImageFromArray(best_label)
     result.CopyInformation(reference)
-    return result
+    if measure is None:
+        return result, None
+    if measure == "entropy":
+        assert entropy is not None
+        values = 1.0 - entropy / np.log(max(len(probabilities), 2))
+    else:
+        values = best_value
+    confidence = sitk.GetImageFromArray(np.clip(values, 0.0, 1.0).astype(np.float32))
+    confidence.CopyInformation(reference)
+    return result, confidence

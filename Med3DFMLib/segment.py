@@ -21,20 +21,23 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from Med3DFMLib.confidence import DEFAULT_MEASURE, DEFAULT_THRESHOLD, MEASURES, describe_flags, flag_low_confidence
 from Med3DFMLib.domain import ScanFacts, Verdict, best_fit, check, fitting_models, measure_image, refusal
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.inference import choose_device, predict_volume
 from Med3DFMLib.io.atomic import atomic_path, check_writable
 from Med3DFMLib.io.segmentations import SegmentInfo, write_labelmap, write_seg_nrrd
 from Med3DFMLib.io.tables import write_tsv
-from Med3DFMLib.io.volumes import read_volume
-from Med3DFMLib.preprocess import InputSpec, probabilities_to_labels, to_model_input
+from Med3DFMLib.io.volumes import read_volume, write_volume
+from Med3DFMLib.preprocess import InputSpec, labels_and_confidence, to_model_input
 from Med3DFMLib.progress import Progress
 from Med3DFMLib.record import new_record, record_path_for
 
 if TYPE_CHECKING:
     from Med3DFMLib.registry.resolve import KnownModel, ResolvedModel
 
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 Predictor = Callable[[sitk.Image, Progress, Dict[str, float]], Tuple[np.ndarray, sitk.Image]]
 
@@ -101,14 +104,20 @@ def load_resolved(resolved: "ResolvedModel", registry: Optional[str] = None, pro
 
 def segment_image(image: sitk.Image, segmenter: LoadedSegmenter, progress: Optional[Progress] = None, timings: Optional[Dict[str, float]] = None) -> sitk.Image:
     """Label map on the image's own grid."""
+    return segment_image_with_confidence(image, segmenter, None, progress, timings)[0]
+
+
+def segment_image_with_confidence(image: sitk.Image, segmenter: LoadedSegmenter, measure: Optional[str], progress: Optional[Progress] = None,
+                                  timings: Optional[Dict[str, float]] = None) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+    """Label map and (with a `measure` of Med3DFMLib.confidence.MEASURES) a confidence volume, on the image's grid."""
     timings = {} if timings is None else timings
     progress = progress or Progress("none")
     probabilities, grid = segmenter.predict(image, progress, timings)
     tick = time.perf_counter()
     progress.update("postprocess", 0.0, "resampling to the input grid")
-    labels = probabilities_to_labels(probabilities, grid, image)
+    labels, confidence = labels_and_confidence(probabilities, grid, image, measure)
     timings["postprocess"] = time.perf_counter() - tick
-    return labels
+    return labels, confidence
 
 
 def segment_volumes_table(labels: sitk.Image, segments: List[SegmentInfo]) -> List[List[Any]]:
@@ -193,17 +202,30 @@ def run_segment(
     overwrite: bool = True,
     progress: Optional[Progress] = None,
     force: bool = False,
+    confidence: Optional[Path] = None,
+    confidence_measure: str = DEFAULT_MEASURE,
+    flag_below: float = DEFAULT_THRESHOLD,
+    segmenters: Optional[Dict[Tuple[str, str, float], LoadedSegmenter]] = None,
 ) -> Dict[str, Any]:
     """The whole `med3dfm segment` job; returns the record written beside the output.
 
     `model_spec` None: the model whose domain fits the scan best. `force`: run the given model on a
-    scan outside its domain (the record's `domain.forced` says so).
+    scan outside its domain (the record's `domain.forced` says so). `confidence`: also write a
+    per-voxel confidence volume (`confidence_measure`) on the input grid; the record then lists the
+    segments holding the voxels below `flag_below`. `segmenters`: models already loaded, by
+    (sha256, device, overlap), reused and added to (a batch loads each model once).
     """
+    if confidence_measure not in MEASURES:
+        raise Med3DFMError(f"unknown confidence measure {confidence_measure!r}; choose one of {', '.join(MEASURES)}")
+    if not 0.0 < flag_below <= 1.0:
+        raise Med3DFMError(f"the low-confidence threshold must lie in (0, 1], not {flag_below}")
+    if confidence is not None and (str(confidence).lower().endswith(".seg.nrrd") or not str(confidence).lower().endswith(VOLUME_SUFFIXES)):
+        raise Med3DFMError(f"the confidence volume must be a plain volume file ({', '.join(VOLUME_SUFFIXES)}): {confidence}")
     progress = progress or Progress("none")
     if not str(output).lower().endswith(".seg.nrrd"):
         raise Med3DFMError(f"the segmentation output must end in .seg.nrrd: {output}")
     record_path = record_path_for(output)
-    outputs = [output, record_path] + [p for p in (labelmap, table) if p is not None]
+    outputs = [output, record_path] + [p for p in (labelmap, table, confidence) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs) or Path(input_path).resolve() in {p.resolve() for p in outputs}:
         raise Med3DFMError("output paths must differ from each other and from the input")
     for path in outputs:
@@ -211,6 +233,8 @@ def run_segment(
 
     record = new_record("segment")
     record["parameters"] = {"input": str(input_path), "model": model_spec, "device": device, "overlap": overlap, "force": force}
+    if confidence is not None:
+        record["parameters"].update(confidence_measure=confidence_measure, flag_below=flag_below)
     timings = record["timings_s"]
     started = time.perf_counter()
 
@@ -225,12 +249,17 @@ def run_segment(
     choice = choose_model(measure_image(image), model_spec, registry, force, progress)
     record["domain"] = choice.as_record()
     progress.update("model", 0.5, _choice_message(choice))
-    segmenter = load_resolved(choice.resolved, registry, progress, device, overlap)
+    key = (choice.resolved.sha256, device, overlap)
+    segmenter = segmenters.get(key) if segmenters is not None else None
+    if segmenter is None:
+        segmenter = load_resolved(choice.resolved, registry, progress, device, overlap)
+        if segmenters is not None:
+            segmenters[key] = segmenter
     timings["load_model"] = time.perf_counter() - tick
     record["model"] = segmenter.provenance
     record["device"] = str(choose_device(device))
 
-    labels = segment_image(image, segmenter, progress, timings)
+    labels, confidence_image = segment_image_with_confidence(image, segmenter, confidence_measure if confidence is not None else None, progress, timings)
 
     progress.update("write", 0.0, f"writing {output.name}")
     tick = time.perf_counter()
@@ -241,6 +270,11 @@ def run_segment(
         record["outputs"]["labelmap"] = str(labelmap)
     if table is not None:
         record["outputs"]["table"] = str(table)
+    if confidence is not None and confidence_image is not None:
+        record["outputs"]["confidence"] = str(confidence)
+        flags = flag_low_confidence(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(confidence_image), segmenter.segments, flag_below,
+                                    float(np.prod(labels.GetSpacing())) / 1000.0)
+        record["confidence"] = {"measure": confidence_measure, "flag_below": flag_below, "segments": flags, "summary": describe_flags(flags, flag_below)}
     with contextlib.ExitStack() as stack:
         write_seg_nrrd(stack.enter_context(atomic_path(output)), labels, segmenter.segments)
         if labelmap is not None:
@@ -252,6 +286,8 @@ def run_segment(
                 rows,
                 comments=[f"model {segmenter.provenance['id']} {segmenter.provenance['version']} sha256 {segmenter.provenance['sha256']}"],
             )
+        if confidence is not None and confidence_image is not None:
+            write_volume(stack.enter_context(atomic_path(confidence)), confidence_image)
         timings["write"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - started
         record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

@@ -219,8 +219,12 @@ def run_classify(
     registry: Optional[str] = None,
     progress: Optional[Progress] = None,
     stop_on_error: bool = False,
+    classifier: Optional[Classifier] = None,
 ) -> Tuple[Dict[str, Any], int]:
-    """Score scans into a TSV (rewritten after every row); returns (record, number of failed rows)."""
+    """Score scans into a TSV (rewritten after every row); returns (record, number of failed rows).
+
+    `classifier`: the adapter of `model_spec` already loaded (a batch loads it once for all scans).
+    """
     progress = progress or Progress("none")
     output = Path(output)
     if not str(output).lower().endswith(".tsv"):
@@ -236,7 +240,8 @@ def run_classify(
     record["parameters"] = {"model": model_spec, "inputs": len(inputs), "heatmap_method": heatmap_method if heatmap else None}
     started = time.perf_counter()
     progress.update("load", 0.0, f"loading model {model_spec}")
-    classifier = Classifier.load(model_spec, registry, device_name, progress)
+    if classifier is None:
+        classifier = Classifier.load(model_spec, registry, device_name, progress)
     target_index = classifier.class_index(target) if target is not None else None
     record["model"] = classifier.provenance
     record["calibration"] = classifier.calibration

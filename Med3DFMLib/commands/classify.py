@@ -1,4 +1,7 @@
-"""`med3dfm classify`: class probabilities of one scan or a list, with a classification adapter; optional heatmap."""
+"""`med3dfm classify`: class probabilities of one scan or a list, with a classification adapter; optional heatmap.
+
+`--list FILE.csv -o TABLE.tsv` scores the list into one table; `--list FILE.csv --output-dir DIR` runs
+it as a batch (Med3DFMLib/batch.py): one table per scan, a summary, resumable, shared under torchrun."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from Med3DFMLib.batch import add_output_dir_option, check_batch_arguments
 from Med3DFMLib.commands.options import add_common_options, add_device_option
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
@@ -16,10 +20,12 @@ NAME = "classify"
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     classify = subparsers.add_parser(NAME, help="classify scans with a classification adapter; optional heatmap")
     classify.add_argument("input", type=Path, nargs="?", help="volume file or DICOM series folder (or use --list)")
-    classify.add_argument("--list", type=Path, help="CSV with a header: image[,roi] (paths relative to the CSV's folder)")
+    classify.add_argument("--list", type=Path, help="CSV with a header: image[,roi] (paths relative to the CSV's folder); "
+                          "with --output-dir also input (for image), output and id columns")
     classify.add_argument("--model", required=True, help="classification adapter (.safetensors file or registry id)")
     classify.add_argument("--roi", type=Path, help="label map or .seg.nrrd: pool only inside it (matched in physical space)")
-    classify.add_argument("-o", "--output", type=Path, required=True, help="result table (.tsv)")
+    classify.add_argument("-o", "--output", type=Path, help="result table (.tsv)")
+    add_output_dir_option(classify)
     classify.add_argument("--heatmap", type=Path, help="also write a heatmap (float .nrrd on the input grid) for the predicted class")
     classify.add_argument("--heatmap-method", choices=["attention", "gradcam", "occlusion"], default="attention", help="attention (instant), gradcam, occlusion (slow reference)")
     classify.add_argument("--target", help="class the heatmap explains (default: the predicted class)")
@@ -33,8 +39,14 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from Med3DFMLib.classify.data import ListRow, read_list
     from Med3DFMLib.classify.job import run_classify
 
+    if check_batch_arguments(args, ["--output", "--roi", "--heatmap", "--target"], list_alone=True):
+        from Med3DFMLib.batch import ClassifyTask, run_batch_command
+
+        return run_batch_command(ClassifyTask(args.model, args.device, args.registry), args, progress)
     if (args.input is None) == (args.list is None):
         raise Med3DFMError("give either one scan or --list FILE.csv")
+    if args.output is None:
+        raise Med3DFMError("give -o TABLE.tsv (or --list FILE.csv --output-dir DIR for a batch)")
     if args.list is not None:
         if args.roi is not None:
             raise Med3DFMError("with --list, give ROIs in the list's roi column")

@@ -1,10 +1,13 @@
-"""`med3dfm segment`: one volume in, a Slicer `.seg.nrrd` out (optionally a label map and a volume table)."""
+"""`med3dfm segment`: one volume in, a Slicer `.seg.nrrd` out (optionally a label map and a volume table);
+or a list of them with `--list FILE.csv --output-dir DIR` (Med3DFMLib/batch.py)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from Med3DFMLib.batch import add_output_dir_option, check_batch_arguments
+from Med3DFMLib.confidence import DEFAULT_MEASURE, DEFAULT_THRESHOLD, MEASURES
 from Med3DFMLib.commands.options import add_common_options, add_device_option
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
@@ -14,12 +17,21 @@ NAME = "segment"
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     segment = subparsers.add_parser(NAME, help="segment a CT or MR volume into a Slicer .seg.nrrd")
-    segment.add_argument("input", type=Path, help="volume file (NRRD, NIfTI, MHA, ...) or DICOM series folder")
-    segment.add_argument("-o", "--output", type=Path, required=True, help="output segmentation, ending in .seg.nrrd")
+    segment.add_argument("input", type=Path, nargs="?", help="volume file (NRRD, NIfTI, MHA, ...) or DICOM series folder (or use --list)")
+    segment.add_argument("-o", "--output", type=Path, help="output segmentation, ending in .seg.nrrd")
+    segment.add_argument("--list", type=Path, help="batch: CSV with a header: input[,output][,id] (inputs relative to the CSV's folder); needs --output-dir")
+    add_output_dir_option(segment)
+    segment.add_argument("--labelmaps", action="store_true", help="with --list: also write a label map NAME.nii.gz beside each NAME.seg.nrrd")
     segment.add_argument("--model", help="registry model id or .safetensors file (default: the installed model whose domain fits the scan best)")
     add_device_option(segment)
     segment.add_argument("--labelmap", type=Path, help="also write a plain label map (e.g. OUT.nii.gz)")
     segment.add_argument("--table", type=Path, help="also write a .tsv table of segment volumes")
+    segment.add_argument("--confidence", type=Path, help="also write a per-voxel confidence volume on the input grid (e.g. OUT_confidence.nii.gz): "
+                         "high where the model is sure, low at boundaries and on unfamiliar scans")
+    segment.add_argument("--confidence-measure", choices=MEASURES, default=DEFAULT_MEASURE,
+                         help="max-probability: the winning class's probability; entropy: 1 - entropy / log(classes) (default %(default)s)")
+    segment.add_argument("--flag-below", type=float, default=DEFAULT_THRESHOLD,
+                         help="with --confidence: list the segments holding most voxels below this confidence (default %(default)s)")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, 0..0.9 (default 0.25)")
     segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
     segment.add_argument("--force", action="store_true", help="run --model even on a scan outside its declared domain (modality, field of view, "
@@ -33,6 +45,15 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
     if not 0.0 <= args.overlap < 1.0:
         raise Med3DFMError("--overlap must be at least 0 and below 1")
+    if check_batch_arguments(args, ["--output", "--labelmap", "--table", "--confidence"]):
+        from Med3DFMLib.batch import SegmentTask, run_batch_command
+
+        task = SegmentTask(args.model, args.device, args.overlap, args.registry, args.force, args.labelmaps, overwrite=not args.no_overwrite)
+        return run_batch_command(task, args, progress)
+    if args.labelmaps:
+        raise Med3DFMError("--labelmaps goes with --list; for one scan use --labelmap FILE")
+    if args.input is None or args.output is None:
+        raise Med3DFMError("give a scan and -o OUTPUT.seg.nrrd, or --list FILE.csv --output-dir DIR")
     record = run_segment(
         args.input,
         args.output,
@@ -45,6 +66,9 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         overwrite=not args.no_overwrite,
         progress=progress,
         force=args.force,
+        confidence=args.confidence,
+        confidence_measure=args.confidence_measure,
+        flag_below=args.flag_below,
     )
     if progress.mode != "json":
         segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])
@@ -57,4 +81,6 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         elif not domain["declared"]:
             model += " (its card declares no domain: the scan was not checked)"
         print(f"wrote {args.output} ({segments}) with {model} in {record['timings_s']['total']:.1f} s on {record['device']}")
+        if "confidence" in record:
+            print(f"confidence ({record['confidence']['measure']}) in {args.confidence}; {record['confidence']['summary']}")
     return 0

@@ -23,7 +23,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict:
 
 def test_each_subcommand_module_adds_the_parser_it_runs():
     parsers = _subcommands(build_parser())
-    assert list(parsers) == ["segment", "adapt", "pretrain", "classify", "explain", "models"]  # the order of `med3dfm --help`
+    assert list(parsers) == ["segment", "adapt", "pretrain", "classify", "explain", "devices", "models"]  # the order of `med3dfm --help`
     for subcommand in SUBCOMMANDS:
         own = argparse.ArgumentParser(prog="med3dfm").add_subparsers()
         parser = subcommand.add_parser(own)
