@@ -22,7 +22,7 @@ from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-from Med3DFMSlicer import HELPER_MODULES
+from Med3DFMSlicer import HELPER_MODULES, installer
 from Med3DFMSlicer.logic import Med3DFMLogic
 from Med3DFMSlicer.parameters import Med3DFMParameterNode
 from Med3DFMSlicer.sample_data import registerSampleData
@@ -118,6 +118,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
         self.ui.cancelModelsButton.connect("clicked(bool)", self.onCancelModelsJob)
         self.ui.forceReinstallButton.connect("clicked(bool)", self.onForceReinstall)
+        self.ui.packageInfoButton.connect("clicked(bool)", self.onShowPackageInfo)
         self.ui.copyDiagnosticsButton.connect("clicked(bool)", self.onCopyDiagnostics)
         self.ui.learnButton.connect("clicked(bool)", self.onLearnButton)
         self.ui.learnCancelButton.connect("clicked(bool)", self.onLearnCancelButton)
@@ -141,6 +142,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The model list comes from the registry file (no subprocess, no torch) so the panel opens fast.
         self.populateModelComboBox()
         self.initializeParameterNode()
+        # An installation stopped for a restart (settings marker, installer.py) is offered again once
+        # the panel is shown; nothing is installed without asking.
+        qt.QTimer.singleShot(0, self.onResumeInstall)
 
     def cleanup(self) -> None:
         for job in (self._job, self._modelsJob, self._learnJob, self._classifyJob):
@@ -751,7 +755,17 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onForceReinstall(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Reinstalling the Python packages failed."), waitCursor=True):
             if self.logic.ensureDependencies(askConfirmation=True, force=True):
-                slicer.util.infoDisplay(_("The Python packages were reinstalled. Restart Slicer if a package was already in use."))
+                # a reinstall that replaced packages Slicer had loaded has already offered a restart (installer.py)
+                slicer.util.infoDisplay(_("The Python packages were reinstalled."))
+
+    def onResumeInstall(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Continuing the installation of the Python packages failed."), waitCursor=True):
+            if installer.resumePendingInstall(self.logic.requirements()):
+                slicer.util.infoDisplay(_("The Python packages Med3DFM needs are installed."))
+
+    def onShowPackageInfo(self) -> None:
+        text = installer.packageInfoText(self.logic.requirements())
+        slicer.util.infoDisplay(text, _("Med3DFM: Python packages"))
 
     def onCopyDiagnostics(self) -> None:
         text = self.logic.diagnostics()

@@ -3,7 +3,7 @@
 - logic: Med3DFMLogic, what the buttons do (and what scripts call): start a job, finish it into nodes;
 - nodes: MRML nodes in and out (volume to file; segmentation, table and heatmap nodes from files);
 - parameters: Med3DFMParameterNode, the panel's state saved with the scene;
-- installer: installing the Python packages the jobs need, after the user agrees;
+- installer: installing the Python packages the jobs need, after the user agrees, and continuing after a restart;
 - sample_data: the self-test's sample in Sample Data;
 - selftest: Med3DFMTest, the self-test Slicer runs.
 

@@ -25,6 +25,8 @@ from Med3DFMSupport.jobs import Med3DFMJobError
 
 MODULE_DIR = Path(__file__).resolve().parent.parent  # the folder of Med3DFM.py
 DEFAULT_MODEL = choices.DEFAULT_MODEL
+CONFIDENCE_FLAG_BELOW = choices.CONFIDENCE_FLAG_BELOW
+KEPT_CONFIDENCE_MAPS = 2  # the latest confidence overlays whose flags the slider can recompute
 
 
 class Med3DFMLogic(ScriptedLoadableModuleLogic):
@@ -45,6 +47,7 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         self.lastJob: Optional[Dict[str, Any]] = None
         self._dependenciesOk = False
         self._scanFacts: Tuple[Any, Any] = (None, None)  # (volumeKey, facts) of the last volume measured
+        self._confidenceMaps: Dict[str, "results.ConfidenceMap"] = {}  # confidence node ID -> its labels and confidence
 
     def getParameterNode(self):
         return Med3DFMParameterNode(super().getParameterNode())
@@ -98,7 +101,17 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             "CUDA (likely)": "yes" if self.cudaLikelyAvailable() else "no",
         }
         names = ["torch"] + [dependencies.requirement_name(r) for r in self.requirements()]
-        return environment.diagnostics_text(info, self.lastJob, dependencies.installed_versions(names))
+        return environment.diagnostics_text(info, self.lastJob, dependencies.installed_versions(names), self.deviceReport())
+
+    def deviceReport(self, timeout: float = 60) -> str:
+        """What `med3dfm devices` says in the job interpreter (torch is imported there, not in Slicer's process)."""
+        try:
+            finished = subprocess.run(jobs.devices_command(self.pythonExecutable()), capture_output=True, text=True, timeout=timeout, env=self.jobEnvironment())
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"could not ask the job interpreter: {err}"
+        if finished.returncode != 0:
+            return "med3dfm devices failed: " + (finished.stderr.strip().splitlines() or ["no message"])[-1]
+        return finished.stdout
 
     # --- the model lists -----------------------------------------------------------------------
 
@@ -211,11 +224,13 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
 
     # --- segment -------------------------------------------------------------------------------
 
-    def startSegment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None) -> "jobs.Job":
+    def startSegment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None,
+                     confidence: bool = False, flagBelow: float = CONFIDENCE_FLAG_BELOW) -> "jobs.Job":
         """Start a segment job in the background; poll it with job.poll(), then call finishSegment(job).
 
         A volume outside the model's declared domain is refused here (Med3DFMJobError naming the mismatch
         and the models that fit) before anything is written; the job checks again (without the DICOM tag).
+        `confidence`: also a confidence overlay showing the voxels below `flagBelow`.
         """
         message = fit.mismatch_message(modelId, self.modelFits(volumeNode))
         if message:
@@ -223,8 +238,9 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
 
         def build(folder: Path, inputPath: Path):
             output = folder / "result.seg.nrrd"
-            command = jobs.segment_command(self.pythonExecutable(), inputPath, output, modelId, device, table=folder / "result.tsv", registry=None)
-            return command, {"modelId": modelId, "output": output, "outputSegmentationNode": outputSegmentationNode}
+            extra = {"labelmap": folder / "result-labels.nii.gz", "confidence": folder / "result-confidence.nii.gz", "flag_below": flagBelow} if confidence else {}
+            command = jobs.segment_command(self.pythonExecutable(), inputPath, output, modelId, device, table=folder / "result.tsv", registry=None, **extra)
+            return command, {"modelId": modelId, "output": output, "outputSegmentationNode": outputSegmentationNode, "flagBelow": flagBelow}
 
         return self._startJob("segment", volumeNode, build)
 
@@ -233,15 +249,18 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         (results.SegmentMerge: the segments replaced, added and kept)."""
         result = self._checkFinished(job)
         segmentResult = results.SegmentResult.from_outputs(result.outputs, job.context["output"])
-        return self.loadSegmentResult(segmentResult, job.context["volumeNode"], job.context.get("outputSegmentationNode"), show3D)
+        return self.loadSegmentResult(segmentResult, job.context["volumeNode"], job.context.get("outputSegmentationNode"), show3D,
+                                      job.context.get("flagBelow", CONFIDENCE_FLAG_BELOW))
 
     def segment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None,
-                show3D: bool = False, timeout: Optional[float] = None):
-        """Segment synchronously (scripts, tests): returns (segmentation node, table node), with `.report`."""
-        job = self.startSegment(volumeNode, modelId, device, outputSegmentationNode)
+                show3D: bool = False, timeout: Optional[float] = None, confidence: bool = False, flagBelow: float = CONFIDENCE_FLAG_BELOW):
+        """Segment synchronously (scripts, tests): returns (segmentation node, table node), with `.report`
+        (and `.confidence_node`, `.flags` with `confidence`)."""
+        job = self.startSegment(volumeNode, modelId, device, outputSegmentationNode, confidence, flagBelow)
         return self._runToEnd(job, lambda finished: self.finishSegment(finished, show3D=show3D), timeout)
 
-    def loadSegmentResult(self, segmentResult: "results.SegmentResult", volumeNode, outputSegmentationNode=None, show3D: bool = False):
+    def loadSegmentResult(self, segmentResult: "results.SegmentResult", volumeNode, outputSegmentationNode=None, show3D: bool = False,
+                          flagBelow: float = CONFIDENCE_FLAG_BELOW):
         loaded = slicer.util.loadSegmentation(str(segmentResult.segmentation))  # raises if it cannot
         nodes.forgetTemporaryFile(loaded)
         nodes.placeUnderInputTransform(volumeNode, loaded)  # before merging: Slicer resamples between the two frames
@@ -271,8 +290,25 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         for node in (segmentationNode, tableNode):
             if node is not None:
                 nodes.tagProvenance(node, segmentResult.provenance, modelText)
-        nodes.placeBesideInput(volumeNode, [segmentationNode, tableNode])
-        return results.SegmentOutputs(segmentationNode, tableNode, report)
+        confidenceNode, flags = None, ""
+        if segmentResult.confidence is not None:
+            confidenceNode = nodes.loadConfidence(segmentResult.confidence, volumeNode, f"{volumeNode.GetName()} {segmentResult.model_id} confidence", flagBelow)
+            nodes.tagProvenance(confidenceNode, segmentResult.provenance, modelText)
+            confidenceMap = segmentResult.confidence_map()
+            self._confidenceMaps[confidenceNode.GetID()] = confidenceMap
+            while len(self._confidenceMaps) > KEPT_CONFIDENCE_MAPS:  # each holds two volumes in memory
+                self._confidenceMaps.pop(next(iter(self._confidenceMaps)))
+            flags = confidenceMap.flags(flagBelow)[1]
+        nodes.placeBesideInput(volumeNode, [segmentationNode, tableNode] + ([confidenceNode] if confidenceNode is not None else []))
+        return results.SegmentOutputs(segmentationNode, tableNode, report, confidenceNode, flags)
+
+    def flagLowConfidence(self, confidenceNode, flagBelow: float) -> str:
+        """Show only the voxels below `flagBelow` on a confidence overlay and say which segments hold them."""
+        confidenceMap = self._confidenceMaps.get(confidenceNode.GetID()) if confidenceNode is not None else None
+        if confidenceMap is None:
+            raise Med3DFMJobError(_("No confidence overlay from this session: run Segment with the confidence overlay on."))
+        nodes.setConfidenceThreshold(confidenceNode, flagBelow)
+        return confidenceMap.flags(flagBelow)[1]
 
     # --- classify and explain -------------------------------------------------------------------
 

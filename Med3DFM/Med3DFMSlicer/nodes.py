@@ -18,6 +18,10 @@ from Med3DFMSupport import results
 HEATMAP_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 HEATMAP_OPACITY = 0.5
 HEATMAP_LOWER_THRESHOLD = 0.05
+# Confidence: our own colour table (red where the model was least sure, yellow up to the flag
+# threshold); voxels at or above the threshold are not drawn, so only the places to check show.
+CONFIDENCE_COLOR_NODE_NAME = "Med3DFM confidence"
+CONFIDENCE_OPACITY = 0.6
 
 
 # --- volumes ---------------------------------------------------------------------------------------
@@ -296,3 +300,42 @@ def loadHeatmap(heatmap: "results.HeatmapResult", volumeNode, name: str):
     tagProvenance(heatmapNode, json.dumps(heatmap.note, sort_keys=True, default=str))
     slicer.util.setSliceViewerLayers(background=volumeNode, foreground=heatmapNode, foregroundOpacity=HEATMAP_OPACITY)
     return heatmapNode
+
+
+def confidenceColorNode():
+    """The confidence colour table (made once per scene): 256 entries from red (0) to yellow (1)."""
+    existing = slicer.mrmlScene.GetFirstNodeByName(CONFIDENCE_COLOR_NODE_NAME)
+    if existing is not None:
+        return existing
+    colorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLColorTableNode")
+    colorNode.SetName(CONFIDENCE_COLOR_NODE_NAME)
+    colorNode.SetTypeToUser()  # a user table: its entries may be set (Libs/MRML/Core/vtkMRMLColorTableNode.h)
+    colorNode.SetNumberOfColors(256)
+    for entry in range(256):
+        colorNode.SetColor(entry, f"confidence {entry / 255:.2f}", 1.0, entry / 255.0, 0.0, 1.0)
+    return slicer.mrmlScene.AddNode(colorNode)
+
+
+def loadConfidence(confidencePath: Path, volumeNode, name: str, flagBelow: float):
+    """Load a confidence volume over its input: values 0..1 on the confidence colour table, only the
+    voxels below `flagBelow` drawn (the ones to check)."""
+    confidenceNode = slicer.util.loadVolume(str(confidencePath), {"name": name, "show": False})  # raises if it cannot
+    forgetTemporaryFile(confidenceNode)
+    placeUnderInputTransform(volumeNode, confidenceNode)
+    displayNode = confidenceNode.GetDisplayNode()
+    if displayNode is None:
+        confidenceNode.CreateDefaultDisplayNodes()
+        displayNode = confidenceNode.GetDisplayNode()
+    displayNode.SetAndObserveColorNodeID(confidenceColorNode().GetID())
+    displayNode.AutoWindowLevelOff()
+    displayNode.SetWindowLevelMinMax(0.0, 1.0)
+    setConfidenceThreshold(confidenceNode, flagBelow)
+    slicer.util.setSliceViewerLayers(background=volumeNode, foreground=confidenceNode, foregroundOpacity=CONFIDENCE_OPACITY)
+    return confidenceNode
+
+
+def setConfidenceThreshold(confidenceNode, flagBelow: float) -> None:
+    """Draw only the voxels whose confidence is below `flagBelow`."""
+    displayNode = confidenceNode.GetDisplayNode()
+    displayNode.SetThreshold(0.0, float(flagBelow))
+    displayNode.ApplyThresholdOn()

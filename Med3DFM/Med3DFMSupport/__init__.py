@@ -7,7 +7,8 @@
   segments as one .seg.nrrd, which segments a result replaces, the model lists;
 - fit: which models fit the selected volume (the library's domain check);
 - choices: the values behind the panel's fixed combo boxes;
-- dependencies: what the jobs need installed in Slicer's Python, and what is;
+- dependencies: what the jobs need installed in Slicer's Python, and what is; the install plan, the
+  restart marker, Slicer's own packages pinned, the "Show package info" text;
 - environment: where the library, resources and PythonSlicer are, CPU time estimates, diagnostics.
 
 The Slicer side (Med3DFM.py and Med3DFMSlicer/) turns nodes into files, calls these, and turns

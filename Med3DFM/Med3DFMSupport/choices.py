@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 from Med3DFMSupport import jobs
 
 DEFAULT_MODEL = "hippocampus-mr-demo"  # the bundled demonstration model
+# Confidence overlay: voxels below this are drawn and counted (Med3DFMLib.confidence.DEFAULT_THRESHOLD, checked by a test).
+CONFIDENCE_FLAG_BELOW = 0.6
 
 DEVICES = jobs.DEVICES  # deviceComboBox: Automatic, CPU, GPU (CUDA)
 # learnSourceComboBox: the painted slices of the input volume, or labelled volumes of other patients

@@ -103,6 +103,8 @@ def segment_command(
     labelmap: Optional[Path] = None,
     registry: Optional[str] = None,
     overwrite: bool = False,
+    confidence: Optional[Path] = None,
+    flag_below: Optional[float] = None,
 ) -> List[str]:
     """`PythonSlicer -m Med3DFMLib.cli segment INPUT -o OUT.seg.nrrd ... --progress json`."""
     if device not in DEVICES:
@@ -114,11 +116,20 @@ def segment_command(
         command += ["--table", str(table)]
     if labelmap is not None:
         command += ["--labelmap", str(labelmap)]
+    if confidence is not None:
+        command += ["--confidence", str(confidence)]
+        if flag_below is not None:
+            command += ["--flag-below", f"{flag_below:g}"]
     if registry:
         command += ["--registry", str(registry)]
     if not overwrite:
         command.append("--no-overwrite")
     return command + ["--progress", "json"]
+
+
+def devices_command(python: str) -> List[str]:
+    """`PythonSlicer -m Med3DFMLib.cli devices`: torch build, CUDA GPUs and driver, Apple MPS, CPU, RAM."""
+    return [python, "-m", CLI_MODULE, "devices"]
 
 
 def models_command(python: str, action: str, arguments: Sequence[str] = (), registry: Optional[str] = None) -> List[str]:

@@ -107,17 +107,50 @@ class SegmentResult(_ModelOfRecord):
     record: Dict[str, Any]
     provenance: str = ""
     segments: List[Dict[str, Any]] = field(default_factory=list)
+    confidence: Optional[Path] = None  # per-voxel confidence volume, when asked for
+    labelmap: Optional[Path] = None
 
     @classmethod
     def from_outputs(cls, outputs: Mapping[str, str], segmentation: Path) -> "SegmentResult":
         seg = Path(outputs.get("segmentation") or segmentation)
         table = Path(outputs["table"]) if outputs.get("table") else None
         record = read_job_record(record_path_for(seg))
-        return cls(seg, table, record, json.dumps(record, sort_keys=True), list(record.get("segments", [])))
+        return cls(seg, table, record, json.dumps(record, sort_keys=True), list(record.get("segments", [])),
+                   Path(outputs["confidence"]) if outputs.get("confidence") else None, Path(outputs["labelmap"]) if outputs.get("labelmap") else None)
+
+    def confidence_map(self) -> "ConfidenceMap":
+        """The job's label map and confidence volume, read now (the job's folder is removed once loaded)."""
+        if self.confidence is None or self.labelmap is None:
+            raise ValueError("this segment job wrote no confidence volume (run it with the confidence overlay on)")
+        import SimpleITK as sitk
+
+        labels = sitk.ReadImage(str(self.labelmap))
+        return ConfidenceMap(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(sitk.ReadImage(str(self.confidence))),
+                             [(int(s["value"]), str(s["name"])) for s in self.segments], float(np.prod(labels.GetSpacing())) / 1000.0)
 
     @property
     def device(self) -> str:
         return str(self.record.get("device", ""))
+
+
+@dataclass
+class ConfidenceMap:
+    """A segment result's labels and confidence in memory, to say for any threshold the panel's slider
+    picks which segments hold the voxels below it (Med3DFMLib.confidence.flag_low_confidence)."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    segments: List[Tuple[int, str]]  # (label value, name)
+    voxel_ml: float
+
+    def flags(self, threshold: float) -> Tuple[List[Dict[str, Any]], str]:
+        """(rows, one line): the segments holding the voxels below `threshold`, most first."""
+        from Med3DFMLib.confidence import describe_flags, flag_low_confidence
+        from Med3DFMLib.io.segmentations import SegmentInfo
+
+        infos = [SegmentInfo(value, name, (0.5, 0.5, 0.5), None) for value, name in self.segments]
+        rows = flag_low_confidence(self.labels, self.confidence, infos, threshold, self.voxel_ml)
+        return rows, describe_flags(rows, threshold)
 
 
 @dataclass
@@ -383,10 +416,14 @@ class SegmentOutputs(tuple):
     carries `.report`, the SegmentMerge of the segmentation node."""
 
     report: SegmentMerge
+    confidence_node: Any = None  # the confidence overlay, when one was asked for
+    flags: str = ""  # one line: the segments holding most low-confidence voxels
 
-    def __new__(cls, segmentation_node: Any, table_node: Any, report: SegmentMerge) -> "SegmentOutputs":
+    def __new__(cls, segmentation_node: Any, table_node: Any, report: SegmentMerge, confidence_node: Any = None, flags: str = "") -> "SegmentOutputs":
         outputs = super().__new__(cls, (segmentation_node, table_node))
         outputs.report = report
+        outputs.confidence_node = confidence_node
+        outputs.flags = flags
         return outputs
 
 

@@ -18,7 +18,7 @@ import tempfile
 import types
 import unittest
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -192,6 +192,30 @@ class vtkMRMLScalarVolumeDisplayNode(Node):
 
 class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
     pass
+
+
+class vtkMRMLColorTableNode(Node):
+    """A user colour table: entries are set one by one, as the Logic does for the confidence overlay."""
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.type = "File"
+        self.colors: List[Tuple[str, Tuple[float, float, float, float]]] = []
+
+    def SetTypeToUser(self) -> None:
+        self.type = "User"
+
+    def SetNumberOfColors(self, n: int) -> None:
+        self.colors = [("", (0.0, 0.0, 0.0, 0.0))] * int(n)
+
+    def GetNumberOfColors(self) -> int:
+        return len(self.colors)
+
+    def SetColor(self, entry: int, name: str, r: float, g: float, b: float, a: float = 1.0) -> int:
+        if self.type != "User" or not 0 <= entry < len(self.colors):
+            return 0  # Slicer refuses edits of a non-user table or out of range
+        self.colors[entry] = (name, (r, g, b, a))
+        return 1
 
 
 class vtkMRMLVolumeArchetypeStorageNode(Node):
@@ -440,7 +464,7 @@ class SubjectHierarchy:
 
 class Scene:
     NODE_CLASSES = {cls.__name__: cls for cls in (vtkMRMLScalarVolumeNode, vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode,
-                                                 vtkMRMLTableNode, vtkMRMLScriptedModuleNode, vtkMRMLLinearTransformNode)}
+                                                 vtkMRMLTableNode, vtkMRMLScriptedModuleNode, vtkMRMLLinearTransformNode, vtkMRMLColorTableNode)}
     StartCloseEvent = 1
     EndCloseEvent = 2
 
@@ -467,6 +491,9 @@ class Scene:
 
     def GetSubjectHierarchyNode(self) -> SubjectHierarchy:
         return self._sh
+
+    def GetFirstNodeByName(self, name: str) -> Optional[Node]:
+        return next((n for n in self.nodes if n.GetName() == name), None)
 
     def GetFirstNodeByClass(self, class_name: str) -> Optional[Node]:
         return next((n for n in self.nodes if type(n).__name__ == class_name), None)
@@ -588,6 +615,30 @@ def updateSegmentBinaryLabelmapFromArray(narray: np.ndarray, node: vtkMRMLSegmen
 
 # --- modules ------------------------------------------------------------------------------------------
 
+class Settings:
+    """The QSettings that slicer.app.settings() returns (Base/QTCore/qSlicerCoreApplication.h), in memory:
+    value(key) is None for a key never set; sync() writes to disk in Slicer."""
+
+    def __init__(self) -> None:
+        self.values: Dict[str, Any] = {}
+        self.syncs = 0
+
+    def value(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def setValue(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def contains(self, key: str) -> bool:
+        return key in self.values
+
+    def remove(self, key: str) -> None:
+        self.values.pop(key, None)
+
+    def sync(self) -> None:
+        self.syncs += 1
+
+
 slicer = types.ModuleType("slicer")
 
 
@@ -596,6 +647,7 @@ def install() -> types.ModuleType:
     if sys.modules.get("slicer") is slicer:
         return slicer
 
+    settings = Settings()
     app = types.SimpleNamespace(
         slicerHome=None,
         temporaryPath=tempfile.mkdtemp(prefix="slicer-standin-"),
@@ -603,6 +655,7 @@ def install() -> types.ModuleType:
         repositoryRevision="0",
         testingEnabled=lambda: True,
         connect=lambda *args: None,
+        settings=lambda: settings,
     )
     util = types.ModuleType("slicer.util")
 

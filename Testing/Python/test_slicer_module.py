@@ -727,12 +727,12 @@ def test_icon_is_a_128_pixel_png():
 
 def test_extension_metadata():
     catalog = json.loads((ROOT / "Med3DFM.json").read_text(encoding="utf-8"))
-    assert catalog["category"] == "Segmentation" and catalog["build_dependencies"] == []
-    assert catalog["scmurl"].startswith("https://") and catalog["scmrevision"] and catalog["$schema"].endswith("schema-v1.0.0.json#")
+    assert catalog["category"] == "Segmentation"  # build_dependencies: test_dependencies.py (agrees with EXTENSION_DEPENDS)
+    assert catalog["scm_url"].startswith("https://") and catalog["scm_revision"] and catalog["$schema"].endswith("catalog-entry-schema-v1.0.1.json#")
     cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for text in ('EXTENSION_CATEGORY "Segmentation"', 'EXTENSION_CONTRIBUTORS "Med3DFM team"', "find_package(Slicer REQUIRED)",
                  "include(${Slicer_USE_FILE})", "add_subdirectory(Med3DFM)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
-                 "include(${Slicer_EXTENSION_CPACK})", 'set(EXTENSION_DEPENDS "NA")'):
+                 "include(${Slicer_EXTENSION_CPACK})"):
         assert text in cmake
     module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png", "Resources/models.json", "Resources/models.schema.json",
@@ -902,6 +902,53 @@ def test_logic_keeps_the_users_segments_in_the_chosen_output_node(module, hippoc
     for segment_id in user_before:
         assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(chosen, segment_id, volume), lesion), segment_id
     assert {sid: row for sid, *row in _segment_table(segmentation) if sid in user_before} == user_before
+
+
+def test_logic_shows_confidence_and_flags_the_segments_to_check(module, hippocampus_case):
+    """Segment with the confidence overlay: a volume on the input grid drawn with the module's own colour
+    table, only the voxels below the flag threshold shown; the panel's line names the segments that hold
+    them, and a new threshold redraws and recounts without running the model again."""
+    import slicer_standin
+
+    from Med3DFMLib.confidence import DEFAULT_THRESHOLD
+
+    slicer = slicer_standin.slicer
+    from Med3DFMSupport import choices
+
+    assert choices.CONFIDENCE_FLAG_BELOW == DEFAULT_THRESHOLD  # the panel and the library flag the same voxels
+    volume = slicer.util.loadVolume(str(hippocampus_case[0]))
+    logic = module.Med3DFMLogic()
+    outputs = logic.segment(volume, DEMO, device="cpu", timeout=300, confidence=True)
+    node = outputs.confidence_node
+    assert node is not None and node.GetName() == f"{volume.GetName()} {DEMO} confidence"
+    assert slicer.util.arrayFromVolume(node).shape == slicer.util.arrayFromVolume(volume).shape
+    display = node.GetDisplayNode()
+    colors = slicer.mrmlScene.GetFirstNodeByName("Med3DFM confidence")
+    assert display.GetColorNodeID() == colors.GetID() and colors.GetNumberOfColors() == 256
+    assert display.window_level_min_max == (0.0, 1.0) and display.threshold == (0.0, DEFAULT_THRESHOLD) and display.apply_threshold
+    assert slicer_standin.SLICE_LAYERS["foreground"] is node and slicer_standin.SLICE_LAYERS["background"] is volume
+    assert json.loads(node.GetAttribute(results.PROVENANCE_ATTRIBUTE))["outputs"]["confidence"]
+    assert outputs.flags.startswith(f"below confidence {DEFAULT_THRESHOLD:g}: ") and "hippocampus" in outputs.flags
+
+    def flagged_ml(line):
+        return sum(float(part.split(" mL")[0].rsplit(" ", 1)[1]) for part in line.split(": ", 1)[1].split("), "))
+
+    stricter = logic.flagLowConfidence(node, 0.95)
+    assert display.threshold == (0.0, 0.95)
+    assert flagged_ml(stricter) > flagged_ml(outputs.flags)  # more voxels fall below a higher threshold
+    with pytest.raises(module.Med3DFMJobError, match="confidence overlay"):
+        logic.flagLowConfidence(volume, 0.9)
+    plain = logic.segment(volume, DEMO, device="cpu", timeout=300)
+    assert plain.confidence_node is None and plain.flags == ""
+
+
+def test_copy_diagnostics_includes_the_devices_the_job_interpreter_sees(module):
+    """Driver, CUDA and torch build come from the job interpreter (where torch runs), not from a guess."""
+    import torch
+
+    text = module.Med3DFMLogic().diagnostics()
+    section = text.split("Devices (med3dfm devices, in the job interpreter)", 1)[1]
+    assert f"torch {torch.__version__}" in section and "NVIDIA driver:" in section and "--device auto runs on:" in section
 
 
 def test_logic_reports_a_failed_job(module, hippocampus_case):
@@ -1356,3 +1403,179 @@ def test_the_slicer_self_test_runs(module):
 
     sample = slicer_standin.sys.modules["SampleData"].SampleDataLogic.sources[SAMPLE_NAME]
     assert sample["checksums"].startswith("SHA256:") and sample["uris"].startswith("file:")
+
+
+# --- the installer on the stand-in: consent, PyTorch extension, pip with Slicer's packages pinned, restart marker ---
+
+class _InstallWorld:
+    """What the installer sees of Slicer's Python: installed versions (by name), the distributions
+    snapshot it compares before/after a step, which of them are imported; and what it asked and ran."""
+
+    def __init__(self, installed, imports):
+        self.installed = dict(installed)
+        self.imports = imports
+        self.answers = []  # replies to confirmOkCancelDisplay, in order
+        self.asked, self.restart_offers, self.restarts = [], [], 0
+        self.torch_calls, self.pip_calls = [], []
+        self.bump_on_torch = {}  # distributions the PyTorch step changes (as light-the-torch may)
+        self.fail_pip = False
+
+    def distributions(self):
+        return {dependencies.canonical_name(n): v for n, v in self.installed.items() if v is not None}
+
+    def pip(self, kind, arguments, constraints):
+        path = Path(constraints)
+        self.pip_calls.append((kind, list(arguments), path, path.read_text(encoding="utf-8")))
+        if self.fail_pip:
+            import subprocess
+
+            raise subprocess.CalledProcessError(1, ["pip", "install"])
+        for requirement in arguments:
+            if not requirement.startswith("-") and requirement != str(path):
+                self.installed[dependencies.requirement_name(requirement)] = "1.5"
+
+
+@pytest.fixture()
+def install_world(module, monkeypatch):
+    import types
+
+    import slicer
+    import slicer_standin
+
+    world = _InstallWorld({"numpy": "2.4.6", "SimpleITK": "2.5.7", "requests": "2.34.2", "vtk": "9.7.2", "torch": None}, {})
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: False)
+    settings = slicer_standin.Settings()
+    monkeypatch.setattr(slicer.app, "settings", lambda: settings)
+    world.settings = settings
+    monkeypatch.setattr(dependencies, "installed_versions", lambda names: {n: world.installed.get(n) for n in names})
+    monkeypatch.setattr(dependencies, "installed_distributions", world.distributions)
+    monkeypatch.setattr(dependencies, "distribution_imports", lambda: world.imports)
+
+    def confirm_ok_cancel(text, windowTitle=None, parent=None, **kwargs):
+        world.asked.append(text)
+        return world.answers.pop(0)
+
+    def confirm_yes_no(text, windowTitle=None, parent=None, **kwargs):  # "Restart now?": no
+        world.restart_offers.append((text, kwargs.get("detailedText")))
+        return False
+
+    def restart():
+        world.restarts += 1
+
+    def util_pip_install(arguments):  # Slicer <= 5.10: one list of pip arguments, the constraints file last
+        assert isinstance(arguments, list) and arguments[-2] == "-c"
+        world.pip("util.pip_install", arguments[:-2], arguments[-1])
+
+    for name, function in (("confirmOkCancelDisplay", confirm_ok_cancel), ("confirmYesNoDisplay", confirm_yes_no), ("restart", restart),
+                           ("pip_install", util_pip_install)):
+        monkeypatch.setattr(slicer.util, name, function, raising=False)
+
+    class PyTorchUtilsLogic:  # fepegar/SlicerPyTorch PyTorchUtils/PyTorchUtils.py: installTorch's signature
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None, torchvisionVersionRequirement=None):
+            world.torch_calls.append({"askConfirmation": askConfirmation, "torchVersionRequirement": torchVersionRequirement})
+            world.installed["torch"] = "2.13.0+cu121"
+            world.installed.update(world.bump_on_torch)
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+
+    def pip_ensure(requirements, constraints=None, skip_packages=None, prompt_install=True, prompt_restart=True, requester=None,
+                   skip_in_testing=True, show_progress=True):  # Slicer 5.12 Base/Python/slicer/packaging.py
+        assert (skip_packages, prompt_install, prompt_restart, requester) == (None, False, False, "Med3DFM")
+        world.pip("pip_ensure", requirements, constraints)
+
+    def pip_install(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True, show_progress=True,
+                    requester=None, logCallback=None, completedCallback=None):
+        world.pip("packaging.pip_install", requirements, constraints)
+
+    world.packaging = types.SimpleNamespace(pip_ensure=pip_ensure, pip_install=pip_install)
+    monkeypatch.setitem(sys.modules, "slicer.packaging", world.packaging)
+    return world
+
+
+def _marker(world):
+    return dependencies.PendingInstall.from_text(world.settings.value(dependencies.RESUME_SETTINGS_KEY))
+
+
+PINS = ["numpy==2.4.6", "SimpleITK==2.5.7", "requests==2.34.2", "vtk==9.7.2"]
+
+
+def test_installer_stops_for_a_restart_and_resumes_with_slicer_packages_pinned(module, install_world):
+    from Med3DFMSlicer import installer
+
+    world = install_world
+    requirements = ["fakepkg-a>=1.0,<2", "fakepkg-b>=1.0,<2"]
+    world.installed.update({"fakepkg-a": None, "fakepkg-b": "1.5", "fakejson": "1.0"})
+    # fakejson is loaded in this process and the PyTorch step updates it; torch was never loaded in the
+    # Slicer this stands for (this test process may have imported the real one)
+    world.imports = {"fakejson": {"json"}, "torch": {"a_torch_never_imported"}}
+    world.bump_on_torch = {"fakejson": "2.0"}
+    world.answers = [True]
+    assert installer.ensureDependencies(requirements) is False  # a restart comes before the rest
+    assert world.torch_calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.1,<2.14"}]
+    assert "torch>=2.1,<2.14 (through the PyTorch extension)" in world.asked[0] and "fakepkg-a>=1.0,<2" in world.asked[0]
+    assert "fakepkg-b" not in world.asked[0] and world.pip_calls == []
+    assert _marker(world).remaining == ["fakepkg-a>=1.0,<2"] and "fakejson: 1.0 -> 2.0" in _marker(world).reason
+    (text, details), = world.restart_offers
+    assert "Restart Slicer to continue" in text and details == "fakejson: 1.0 -> 2.0" and world.restarts == 0
+    assert "Installation waiting for a restart:\n  fakepkg-a>=1.0,<2" in installer.packageInfoText(requirements)
+
+    # the next start: the panel offers to continue; pip gets Slicer's packages (torch now too) pinned
+    world.answers = [True]
+    assert installer.resumePendingInstall(requirements) is True
+    (kind, arguments, constraints, text), = world.pip_calls
+    assert (kind, arguments) == ("pip_ensure", ["fakepkg-a>=1.0,<2"])
+    assert set(PINS + ["torch==2.13.0+cu121"]) <= set(text.splitlines()) and not constraints.exists()
+    assert _marker(world) is None and world.settings.syncs >= 3 and len(world.restart_offers) == 1
+    assert installer.resumePendingInstall(requirements) is None  # nothing left to resume
+    assert installer.ensureDependencies(requirements) is True and len(world.asked) == 2  # all there: nothing asked
+
+
+def test_installer_force_reinstall_failures_and_a_declined_resume(module, install_world, monkeypatch):
+    from Med3DFMSlicer import installer
+
+    world = install_world
+    requirements = ["fakepkg-a>=1.0,<2", "fakepkg-b>=1.0,<2"]
+    world.installed.update({"torch": "2.13.0", "fakepkg-a": "1.5", "fakepkg-b": "1.5"})
+    world.imports = {"fakepkg-b": {"json"}}  # fakepkg-b is loaded
+    monkeypatch.delitem(sys.modules, "slicer.packaging")  # Slicer before 5.12: slicer.util.pip_install only
+
+    world.answers = [True]
+    assert installer.ensureDependencies(requirements, force=True) is True
+    assert [(kind, arguments) for kind, arguments, _path, _text in world.pip_calls] == [
+        ("util.pip_install", ["--force-reinstall", "--no-deps", *requirements]), ("util.pip_install", requirements)]
+    assert all(set(PINS + ["torch==2.13.0"]) <= set(text.splitlines()) for *_rest, text in world.pip_calls)
+    assert world.torch_calls == [] and _marker(world) is None  # an installed PyTorch is never reinstalled
+    (text, details), = world.restart_offers  # files of a loaded package were replaced: restart recommended, nothing left
+    assert "jobs can run now" in text and details == "fakepkg-b: 1.5 (reinstalled)"
+
+    # pip fails while a package it replaces is loaded (Windows keeps such files locked): kept for after a restart
+    world.fail_pip, world.answers = True, [True]
+    assert installer.ensureDependencies(requirements, force=True) is False
+    pending = _marker(world)
+    assert pending.remaining == requirements and pending.force and "in use" in pending.reason
+    assert "failed because some were in use" in world.restart_offers[-1][0]
+    # ... a job asks to continue it (a forced reinstall still owes its packages although they are installed)
+    world.fail_pip, world.answers = False, [False]
+    assert installer.ensureDependencies(requirements) is False and "continues the installation" in world.asked[-1]
+    assert _marker(world) == pending  # declined at a job: kept
+    world.answers = [False]
+    assert installer.resumePendingInstall(requirements) is False and _marker(world) is None  # declined at start: forgotten
+
+    # a failure with nothing loaded is an ordinary error, and leaves no marker
+    world.imports, world.fail_pip, world.answers = {}, True, [True]
+    import subprocess
+
+    with pytest.raises(subprocess.CalledProcessError):
+        installer.ensureDependencies(requirements, force=True)
+    assert _marker(world) is None
+
+    # testing mode never installs or asks: a marker waits, a missing package is an error
+    import slicer
+
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: True)
+    world.settings.setValue(dependencies.RESUME_SETTINGS_KEY, pending.to_text())
+    assert installer.resumePendingInstall(requirements) is None and _marker(world) == pending
+    world.installed["fakepkg-a"] = None
+    with pytest.raises(RuntimeError, match="testing mode"):
+        installer.ensureDependencies(requirements)
