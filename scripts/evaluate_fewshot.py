@@ -986,6 +986,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--unet-seeds", type=int, default=1, help="seeds for the U-Net")
     parser.add_argument("--structures", default=DEFAULT_STRUCTURES, help=f"comma-separated structure names (prefixes) for the within-volume part, or 'all' (default: {DEFAULT_STRUCTURES})")
     parser.add_argument("--crops", type=int, default=1, help="hippocampus crops evaluated within one volume (1..3)")
+    parser.add_argument("--n-volumes", default="1,3,5", help="across volumes: the numbers of labelled training volumes (default 1,3,5; draws are nested, so a subset repeats those settings' draws)")
     parser.add_argument("--test-cases", type=int, default=10, help="hippocampus test cases scored across volumes")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods to run (default: all of {', '.join(METHODS)})")
     parser.add_argument("--parts", default="within,across", help="within, across or both (default)")
@@ -1026,7 +1027,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     proto_seeds = list(range(1 if quick else args.proto_seeds))
     unet_seeds = list(range(1 if quick else args.unet_seeds))
     ks = [1] if quick else [1, 3, 5]
-    ns = [1] if quick else [1, 3, 5]
+    ns = [1] if quick else [int(n) for n in args.n_volumes.split(",") if n.strip()]
     test_count = 1 if quick else args.test_cases
     budget_cap = 2.0 if quick else None
 

@@ -34,8 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     adapt.add_argument("--slice-axis", choices=["auto", "i", "j", "k"], default="auto", help="axis of the painted slices (default: the most sparsely labelled)")
     adapt.add_argument("--encoder", default="med3dfm-encoder-small", help="encoder id or file the adapter is trained on")
     adapt.add_argument("--segment", type=Path, help="also segment the first image with the new adapter into this .seg.nrrd")
-    adapt.add_argument("--no-registration", action="store_true", help="decoder: keep no labelled images in the adapter file (by default, from 2 labelled "
-                       "volumes, they are kept and registered onto each new scan to vote for its labels; the file is then as private as those images)")
+    adapt.add_argument("--no-registration", action="store_true", help="decoder: keep no labelled images in the adapter file (by default the labelled "
+                       "volumes are kept and registered onto each new scan to vote for its labels; the file is then as private as those images)")
     adapt.add_argument("--no-propagate", action="store_true", help="--segment: the adapter's answer alone, without the painted outlines and the image's edges")
     add_device_option(adapt)
     adapt.add_argument("--seed", type=int, default=0)

@@ -151,7 +151,7 @@ def run_adapt(
     decoder training early and keeps the best model so far.
     The first image's segmentation (`segment_output`) combines, with `propagate`, the adapter's
     evidence with the painted outlines and the image's edges (fewshot.propagate); without it, it is
-    what the adapter alone gives on any other scan. `registration` (decoder, two or more volumes)
+    what the adapter alone gives on any other scan. `registration` (decoder, one or more volumes)
     keeps the labelled volumes in the adapter file for multi-atlas registration (fewshot.registration).
     """
     progress = progress or Progress("none")

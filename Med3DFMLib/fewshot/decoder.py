@@ -18,7 +18,7 @@ view), and from five hippocampus crops the atlas alone scored 0.68 Dice on unsee
 raised the decoder's Dice on development crops by 0.03; as input channels the same atlas lowered it
 (the network leaned on the noisier leave-one-out atlases it was trained with).
 
-With two or more labelled volumes whose grid is known, the decoder also keeps the volumes
+With one or more labelled volumes whose grid is known, the decoder also keeps the volumes
 themselves for multi-atlas registration (fewshot.registration): at inference they are registered
 onto the new scan, their labels vote, and the decoder's probabilities are pooled with the votes.
 """

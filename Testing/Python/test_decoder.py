@@ -180,6 +180,25 @@ def test_three_volumes_keep_an_atlas_that_travels_with_the_weights(data_dir, tmp
     assert not np.allclose(predict_volume(encoder.module, decoder, image), predict_volume(encoder.module, decoder, image, atlas=False), atol=1e-3)
 
 
+def test_one_labelled_volume_is_already_a_registration_atlas(data_dir):
+    """A single labelled crop is kept for registration (one registered crop beat the network alone on
+    the evaluation, 0.74 vs 0.66), with the default pooling weight (no volume to hold out), and its
+    votes move the decoder's answer on a patient it never saw towards that patient's labels."""
+    from Med3DFMLib.fewshot.decoder import predict_volume, train_decoder
+    from Med3DFMLib.fewshot.registration import DEFAULT_WEIGHT
+
+    encoder, volumes = _model_grid_volumes(data_dir, TRAIN[:1] + (TEST,))
+    decoder, summary = train_decoder(encoder.module, volumes[:1], 2, ["anterior", "posterior"], 600.0, max_steps=2)
+    assert decoder.registration is not None and len(decoder.registration.atlases) == 1
+    assert summary["registration"]["volumes"] == 1 and summary["registration"]["weight"] == DEFAULT_WEIGHT
+    assert summary["registration"]["chosen_by"].startswith("default")
+    test = volumes[1]
+    network = predict_volume(encoder.module, decoder, test.image, registration=False).argmax(0)
+    pooled = predict_volume(encoder.module, decoder, test.image).argmax(0)
+    truth = test.targets > 0
+    assert _dice(pooled > 0, truth) > _dice(network > 0, truth) + 0.1  # two training steps: the votes carry it
+
+
 def test_registered_atlases_vote_for_a_patient_they_never_saw(data_dir):
     """Two labelled crops registered onto a third (affine + demons) carry their labels close to its
     own; a crop registered onto itself returns its labels almost exactly; votes are fractions."""
