@@ -86,6 +86,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._learnJob = None
         self._classifyJob = None
         self._learnedAdapter: Optional[Path] = None
+        self._confidenceNode = None  # the last Segment's confidence overlay, which the threshold redraws
         self._labelledPairs: List[Tuple[str, str]] = []  # other patients: (volume node ID, segmentation node ID)
         self._selectAfterImport: Optional[str] = None
         self._timer = None
@@ -120,6 +121,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.forceReinstallButton.connect("clicked(bool)", self.onForceReinstall)
         self.ui.packageInfoButton.connect("clicked(bool)", self.onShowPackageInfo)
         self.ui.copyDiagnosticsButton.connect("clicked(bool)", self.onCopyDiagnostics)
+        self.ui.flagBelowSpinBox.connect("valueChanged(double)", self.onFlagBelowChanged)
         self.ui.learnButton.connect("clicked(bool)", self.onLearnButton)
         self.ui.learnCancelButton.connect("clicked(bool)", self.onLearnCancelButton)
         self.ui.learnModeComboBox.connect("currentIndexChanged(int)", self.onLearnModeChanged)
@@ -337,7 +339,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Python packages are missing: segmentation was not started.")
                 return
             try:
-                self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation)
+                self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation, node.confidence, node.flagBelow)
             except Med3DFMJobError as err:  # e.g. the volume is outside the model's domain: a message, not a result
                 self.ui.statusLabel.text = str(err)
                 return
@@ -406,10 +408,19 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentationNode, tableNode = outputs
             if tableNode is not None:
                 self.showTable(tableNode)
+            self._confidenceNode = outputs.confidence_node
+            self.ui.confidenceLabel.text = outputs.flags
             return _("Done in {seconds:.0f} s: {name} ({report})").format(seconds=job.result().seconds, name=segmentationNode.GetName(),
                                                                        report=outputs.report.summary())
 
         self._settleJob(job, self.ui.progressBar, self.ui.statusLabel, _("Segmentation failed: {message}"), _("Cancelled."), finish)
+
+    def onFlagBelowChanged(self, value: float) -> None:
+        """A new threshold on the last confidence overlay: redraw it and recount, without running the model."""
+        if self._confidenceNode is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not update the confidence overlay."), waitCursor=True):
+            self.ui.confidenceLabel.text = self.logic.flagLowConfidence(self._confidenceNode, value)
 
     @staticmethod
     def showTable(tableNode) -> None:

@@ -17,6 +17,8 @@ class Med3DFMParameterNode:
     modelId - registry id of the segmentation model.
     device - "auto", "cpu" or "cuda".
     show3D - build closed surfaces of the result.
+    confidence - also a confidence overlay (the voxels below flagBelow) and the segments holding them.
+    flagBelow - the confidence below which voxels are shown and counted.
     learnSegmentation - Learn from labels: the segmentation with the painted segments of inputVolume.
     learnName - the name of the new structure(s) and of the adapter.
     learnMode - "adapter" (a small trained network) or "prototype" (training-free instant guess).
@@ -34,6 +36,8 @@ class Med3DFMParameterNode:
     modelId: Annotated[str, Default(choices.DEFAULT_MODEL)]
     device: Annotated[str, Choice(list(choices.DEVICES)), Default("auto")]
     show3D: Annotated[bool, Default(True)]
+    confidence: Annotated[bool, Default(False)]
+    flagBelow: Annotated[float, WithinRange(0.05, 1.0), Default(choices.CONFIDENCE_FLAG_BELOW)]
     learnSegmentation: vtkMRMLSegmentationNode
     learnName: Annotated[str, Default("")]
     learnMode: Annotated[str, Choice(list(choices.LEARN_MODES)), Default("adapter")]
