@@ -308,13 +308,22 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.estimateLabel.text = self._estimateText() if node and node.inputVolume else ""
 
     def _estimateText(self) -> str:
+        """Where the job will run, how long on the CPU, and whether the scan fits in memory, before Segment."""
         node = self._parameterNode
-        if node.device == "cuda" or (node.device == "auto" and self.logic.cudaLikelyAvailable()):
-            return ""
-        seconds = self.logic.estimateSeconds(node.inputVolume, node.modelId)
-        if seconds is None:
-            return _("Runs on the CPU: this can take a while.")
-        return _("Runs on the CPU: expect {duration}. A CUDA GPU is much faster.").format(duration=environment.describe_duration(seconds))
+        onGpu = node.device == "cuda" or (node.device == "auto" and self.logic.cudaLikelyAvailable())
+        parts = [_("Runs on the GPU (CUDA).")] if onGpu else []
+        if not onGpu:
+            seconds = self.logic.estimateSeconds(node.inputVolume, node.modelId)
+            parts.append(_("Runs on the CPU: this can take a while.") if seconds is None else
+                         _("Runs on the CPU: expect {duration}. A CUDA GPU is much faster.").format(duration=environment.describe_duration(seconds)))
+        memory = self.logic.memoryCheck(node.inputVolume, node.modelId, onCpu=not onGpu)
+        if memory is not None and memory[1] is not None:
+            needed, available, fits = memory
+            text = _("Needs about {needed} of memory ({available} free).") if fits else _(
+                "Will not fit: needs about {needed} of memory, {available} free. Crop the volume to the region you need (Crop Volume module) "
+                "or close other programs; a coarser copy does not help, the model resamples every scan to its own spacing.")
+            parts.append(text.format(needed=environment.describe_bytes(needed), available=environment.describe_bytes(available)))
+        return " ".join(parts)
 
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:

@@ -18,12 +18,8 @@ from torch import nn
 
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
-from Med3DFMLib.windows import count_windows
+from Med3DFMLib.windows import count_windows, host_bytes_needed, window_bytes_needed
 
-# Peak activation bytes per input voxel of one window for the small default model: measured
-# 195-270 by benchmarks/window_memory.py (float32, CPU, 64³-128³ windows); doubled so the guard
-# errs on the safe side.
-ACTIVATION_BYTES_PER_VOXEL = 500
 GIB = 1024**3
 
 
@@ -68,15 +64,13 @@ def plan_memory(
     Host memory holds the input, the blended class scores and the count map (float32 each);
     the device holds a batch of windows' activations (and, on CPU, shares the host's memory).
     """
-    voxels = int(np.prod(volume_shape))
-    window_voxels = int(np.prod(window))
-    host_needed = voxels * 4 * (num_classes + 3)
+    host_needed = host_bytes_needed(volume_shape, num_classes)
     host_free = available_memory(torch.device("cpu")) if host_available is None else host_available
     if device.type == "cpu":
         device_free = host_free - host_needed
     else:
         device_free = available_memory(device) if device_available is None else device_available
-    per_window = window_voxels * ACTIVATION_BYTES_PER_VOXEL
+    per_window = window_bytes_needed(window)
     if host_needed > host_free or per_window > device_free:
         where = "GPU" if device.type == "cuda" and host_needed <= host_free else "main"
         needed = host_needed + (per_window if device.type == "cpu" else 0)

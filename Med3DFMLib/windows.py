@@ -1,10 +1,15 @@
-"""How many sliding windows a volume needs: plain arithmetic, importable without torch (the Slicer
-module uses it to estimate run times before anything is installed)."""
+"""How many sliding windows a volume needs and how much memory a run takes: plain arithmetic, importable
+without torch (the Slicer module uses it to estimate run time and memory before anything is installed)."""
 
 from __future__ import annotations
 
 import math
 from typing import Sequence
+
+# Peak activation bytes per input voxel of one window for the small default model: measured
+# 195-270 by benchmarks/window_memory.py (float32, CPU, 64³-128³ windows); doubled so the guard
+# errs on the safe side.
+ACTIVATION_BYTES_PER_VOXEL = 500
 
 
 def count_windows(volume_shape: Sequence[int], window: Sequence[int], overlap: float) -> int:
@@ -15,3 +20,13 @@ def count_windows(volume_shape: Sequence[int], window: Sequence[int], overlap: f
         interval = max(int(roi * (1.0 - overlap)), 1) if size > roi else roi
         total *= int(math.ceil((size - roi) / interval)) + 1
     return total
+
+
+def host_bytes_needed(volume_shape: Sequence[int], num_classes: int) -> int:
+    """Main memory of a run: the input, the blended class scores and the count map (float32 each)."""
+    return int(math.prod(int(n) for n in volume_shape)) * 4 * (int(num_classes) + 3)
+
+
+def window_bytes_needed(window: Sequence[int]) -> int:
+    """Activation memory of one window on the device (on the CPU: main memory too)."""
+    return int(math.prod(int(w) for w in window)) * ACTIVATION_BYTES_PER_VOXEL

@@ -173,6 +173,14 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             return None
         return environment.estimate_cpu_seconds(imageData.GetDimensions(), volumeNode.GetSpacing(), entry.get("input", {}))
 
+    def memoryCheck(self, volumeNode, modelId: str, onCpu: bool) -> Optional[Tuple[int, Optional[int], bool]]:
+        """(bytes the segment job needs, bytes available or None, fits) for this volume and model; None if unknown."""
+        entry = self.registryEntry(modelId)
+        imageData = volumeNode.GetImageData() if volumeNode else None
+        if not entry or imageData is None:
+            return None
+        return environment.memory_check(imageData.GetDimensions(), volumeNode.GetSpacing(), entry.get("input", {}), len(entry.get("labels", [])) + 1, onCpu)
+
     # --- jobs ----------------------------------------------------------------------------------
 
     def _newJobFolder(self) -> Path:

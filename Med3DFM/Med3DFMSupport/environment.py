@@ -9,7 +9,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 # Seconds one 64³ window of the demo-sized encoder takes on two CPU threads (measured with
 # `med3dfm segment --device cpu` on hippocampus_014, first window included), and the fixed cost of a
@@ -95,9 +95,8 @@ def estimate_cpu_seconds(size: Sequence[int], spacing: Sequence[float], model_in
     `size`/`spacing` are the volume's (i, j, k) and mm; `model_input` is the registry's `input` block
     (spacing, window). Shown to the user before a CPU run, so it errs on the long side.
     """
-    model_spacing = model_input.get("spacing") or spacing
     window = model_input.get("window") or [96, 96, 96]
-    shape = [max(1, int(round(n * s / ms))) for n, s, ms in zip(size, spacing, model_spacing)]
+    shape = model_grid_shape(size, spacing, model_input)
     from Med3DFMLib.windows import count_windows  # torch-free; the library sits beside the module
 
     windows = count_windows(shape, window, overlap)
@@ -105,6 +104,38 @@ def estimate_cpu_seconds(size: Sequence[int], spacing: Sequence[float], model_in
     speedup = max(1.0, min(threads, 16) / 2.0) ** 0.8  # threads help, but far from linearly
     per_window = SECONDS_PER_64CUBE_WINDOW_2_THREADS * (float(window[0]) * window[1] * window[2] / 64.0 ** 3) / speedup
     return JOB_OVERHEAD_SECONDS + windows * per_window
+
+
+def model_grid_shape(size: Sequence[int], spacing: Sequence[float], model_input: Mapping[str, Any]) -> List[int]:
+    """The volume's shape on the model's grid (the model resamples every scan to its own spacing)."""
+    model_spacing = model_input.get("spacing") or spacing
+    return [max(1, int(round(n * s / ms))) for n, s, ms in zip(size, spacing, model_spacing)]
+
+
+def memory_check(size: Sequence[int], spacing: Sequence[float], model_input: Mapping[str, Any], num_classes: int, on_cpu: bool,
+                 available: Optional[int] = None) -> Tuple[int, Optional[int], bool]:
+    """(bytes a segment job needs in main memory, bytes available or None if unknown, fits).
+
+    The same arithmetic as the job's own guard (Med3DFMLib.inference.plan_memory): input, class scores
+    and count map on the model grid, plus one window's activations when it runs on the CPU. Cropping
+    is what lowers it: the model resamples any scan to its own spacing, so a coarser input does not.
+    """
+    from Med3DFMLib.windows import host_bytes_needed, window_bytes_needed  # torch-free
+
+    needed = host_bytes_needed(model_grid_shape(size, spacing, model_input), num_classes)
+    if on_cpu:
+        needed += window_bytes_needed(model_input.get("window") or [96, 96, 96])
+    if available is None:
+        try:
+            import psutil
+        except ImportError:  # installed with the other requirements on the first run
+            return needed, None, True
+        available = int(psutil.virtual_memory().available)
+    return needed, available, needed <= available
+
+
+def describe_bytes(count: int) -> str:
+    return f"{count / 1024 ** 3:.1f} GiB" if count >= 1024 ** 3 / 10 else f"{count / 1024 ** 2:.0f} MiB"
 
 
 def describe_duration(seconds: float) -> str:

@@ -391,6 +391,29 @@ def test_cpu_estimate_grows_with_the_volume_and_shrinks_with_threads():
     assert environment.describe_duration(4 * 3600).endswith("h")
 
 
+def test_memory_check_before_segment_is_the_jobs_own_guard():
+    """The panel's 'will not fit' says what the job would refuse: the same bytes for the same scan, on
+    the model grid (a CT of 512 x 512 x 300 at 0.8 mm is resampled to 1 mm before anything runs)."""
+    import torch
+
+    from Med3DFMLib.errors import Med3DFMError
+    from Med3DFMLib.inference import plan_memory
+
+    spec = {"spacing": [1.0, 1.0, 1.0], "window": [64, 64, 64]}
+    assert environment.model_grid_shape((512, 512, 300), (0.8, 0.8, 1.5), spec) == [410, 410, 450]
+    needed, available, fits = environment.memory_check((512, 512, 300), (0.8, 0.8, 1.5), spec, 3, on_cpu=True, available=64 * 1024 ** 3)
+    assert fits and available == 64 * 1024 ** 3
+    plan_memory((450, 410, 410), 3, (64, 64, 64), torch.device("cpu"), host_available=needed)  # exactly enough: runs
+    needed, _, fits = environment.memory_check((512, 512, 300), (0.8, 0.8, 1.5), spec, 3, on_cpu=True, available=needed - 1)
+    assert not fits
+    with pytest.raises(Med3DFMError, match="not enough main memory"):
+        plan_memory((450, 410, 410), 3, (64, 64, 64), torch.device("cpu"), host_available=needed - 1)
+    # On a GPU the windows' activations live there, not in main memory.
+    on_gpu, _, _ = environment.memory_check((512, 512, 300), (0.8, 0.8, 1.5), spec, 3, on_cpu=False, available=1)
+    assert on_gpu < needed and environment.describe_bytes(on_gpu).endswith("GiB")
+    assert environment.memory_check((40, 50, 39), (1, 1, 1), spec, 3, on_cpu=True)[2]  # a crop fits on this machine
+
+
 def test_diagnostics_text_has_versions_paths_and_the_last_error():
     text = environment.diagnostics_text({"Slicer home": "/opt/Slicer"}, {"command": ["py", "-m", "x"], "returncode": 1, "error": "boom", "stderr": "line1\nmed3dfm: error: boom"},
                                         dependencies.installed_versions(["numpy", "surely-not-installed-pkg"]))
