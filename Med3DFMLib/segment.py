@@ -25,6 +25,7 @@ from Med3DFMLib.confidence import DEFAULT_MEASURE, DEFAULT_THRESHOLD, MEASURES, 
 from Med3DFMLib.domain import ScanFacts, Verdict, best_fit, check, fitting_models, measure_image, refusal
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.inference import choose_device, predict_volume
+from Med3DFMLib.io.color_table import color_table_text
 from Med3DFMLib.io.atomic import atomic_path, check_writable
 from Med3DFMLib.io.segmentations import SegmentInfo, write_labelmap, write_seg_nrrd
 from Med3DFMLib.io.tables import write_tsv
@@ -205,6 +206,7 @@ def run_segment(
     confidence: Optional[Path] = None,
     confidence_measure: str = DEFAULT_MEASURE,
     flag_below: float = DEFAULT_THRESHOLD,
+    color_table: Optional[Path] = None,
     segmenters: Optional[Dict[Tuple[str, str, float], LoadedSegmenter]] = None,
 ) -> Dict[str, Any]:
     """The whole `med3dfm segment` job; returns the record written beside the output.
@@ -212,7 +214,8 @@ def run_segment(
     `model_spec` None: the model whose domain fits the scan best. `force`: run the given model on a
     scan outside its domain (the record's `domain.forced` says so). `confidence`: also write a
     per-voxel confidence volume (`confidence_measure`) on the input grid; the record then lists the
-    segments holding the voxels below `flag_below`. `segmenters`: models already loaded, by
+    segments holding the voxels below `flag_below`. `color_table`: also the model's label table as a
+    Slicer colour table (.csv with names, colours and terminology), for the plain label map. `segmenters`: models already loaded, by
     (sha256, device, overlap), reused and added to (a batch loads each model once).
     """
     if confidence_measure not in MEASURES:
@@ -225,7 +228,9 @@ def run_segment(
     if not str(output).lower().endswith(".seg.nrrd"):
         raise Med3DFMError(f"the segmentation output must end in .seg.nrrd: {output}")
     record_path = record_path_for(output)
-    outputs = [output, record_path] + [p for p in (labelmap, table, confidence) if p is not None]
+    if color_table is not None and not str(color_table).lower().endswith(".csv"):
+        raise Med3DFMError(f"the colour table must end in .csv (what Slicer reads as a colour table): {color_table}")
+    outputs = [output, record_path] + [p for p in (labelmap, table, confidence, color_table) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs) or Path(input_path).resolve() in {p.resolve() for p in outputs}:
         raise Med3DFMError("output paths must differ from each other and from the input")
     for path in outputs:
@@ -270,6 +275,8 @@ def run_segment(
         record["outputs"]["labelmap"] = str(labelmap)
     if table is not None:
         record["outputs"]["table"] = str(table)
+    if color_table is not None:
+        record["outputs"]["color_table"] = str(color_table)
     if confidence is not None and confidence_image is not None:
         record["outputs"]["confidence"] = str(confidence)
         flags = flag_low_confidence(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(confidence_image), segmenter.segments, flag_below,
@@ -286,6 +293,8 @@ def run_segment(
                 rows,
                 comments=[f"model {segmenter.provenance['id']} {segmenter.provenance['version']} sha256 {segmenter.provenance['sha256']}"],
             )
+        if color_table is not None:
+            stack.enter_context(atomic_path(color_table)).write_text(color_table_text(segmenter.segments), encoding="utf-8")
         if confidence is not None and confidence_image is not None:
             write_volume(stack.enter_context(atomic_path(confidence)), confidence_image)
         timings["write"] = time.perf_counter() - tick

@@ -26,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_device_option(segment)
     segment.add_argument("--labelmap", type=Path, help="also write a plain label map (e.g. OUT.nii.gz)")
     segment.add_argument("--table", type=Path, help="also write a .tsv table of segment volumes")
+    segment.add_argument("--color-table", type=Path, help="also write the model's label table as a Slicer colour table (OUT.csv: names, colours, "
+                         "SNOMED CT terminology) for the plain label map")
     segment.add_argument("--confidence", type=Path, help="also write a per-voxel confidence volume on the input grid (e.g. OUT_confidence.nii.gz): "
                          "high where the model is sure, low at boundaries and on unfamiliar scans")
     segment.add_argument("--confidence-measure", choices=MEASURES, default=DEFAULT_MEASURE,
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
     if not 0.0 <= args.overlap < 1.0:
         raise Med3DFMError("--overlap must be at least 0 and below 1")
-    if check_batch_arguments(args, ["--output", "--labelmap", "--table", "--confidence"]):
+    if check_batch_arguments(args, ["--output", "--labelmap", "--table", "--confidence", "--color-table"]):
         from Med3DFMLib.batch import SegmentTask, run_batch_command
 
         task = SegmentTask(args.model, args.device, args.overlap, args.registry, args.force, args.labelmaps, overwrite=not args.no_overwrite)
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         confidence=args.confidence,
         confidence_measure=args.confidence_measure,
         flag_below=args.flag_below,
+        color_table=args.color_table,
     )
     if progress.mode != "json":
         segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])
