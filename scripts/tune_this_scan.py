@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import evaluate_fewshot as ev  # noqa: E402
 
 GRID: Dict[str, List[Any]] = {
-    "beta": [3, 10, 30, 100], "gamma": [0.01, 0.03, 0.1, 0.3], "fixed_confidence": [0.95, 0.99, 0.999], "band": [1, 3, 5],
+    "beta": [3, 10, 30, 100], "gamma": [0.01, 0.03, 0.1, 0.3], "fixed_confidence": [0.95, 0.99, 0.999], "band": [1, 3, 5, 8, 12, 20],
     "shape_tau_growth": [0.2, 1.0], "shape_tau_mm": [0.5, 2.0], "cone_slope": [0.5, 2.0], "prior_correction": [0.0, 0.5, 1.0], "shape_weight": [0.5, 1.0, 2.0],
 }
 RW_BETAS = (30, 130, 500)

@@ -139,3 +139,26 @@ def test_a_single_structure_takes_the_name_given(adapted):
     assert [label["name"] for label in card["labels"]] == ["left hippocampus"]
     seg = slicerio.read_segmentation(str(folder / "propagated.seg.nrrd"))
     assert [s["name"] for s in seg["segments"]] == ["left hippocampus"]
+
+
+@pytest.mark.parametrize("values, band", [((17, 53), 12), ((4, 43, 17), 5), ((2,), 3)])
+def test_the_solved_band_is_found_on_a_box_exactly_as_on_the_whole_volume(data_dir, values, band):
+    """The voxels near a label change are looked for only around the non-background labels (a whole
+    MR costs less); on a real label map (FreeSurfer aseg: hippocampi, ventricles, white matter) the
+    answer is the whole-volume dilation's, voxel for voxel."""
+    from scipy import ndimage
+
+    from Med3DFMLib.fewshot.propagate import _near_boundaries
+
+    aseg = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "brain" / "aseg_4mm.nii.gz")))
+    label = np.zeros(aseg.shape, dtype=np.int64)
+    for index, value in enumerate(values, start=1):
+        label[aseg == value] = index
+    assert label.any()
+    whole = np.zeros(label.shape, dtype=bool)
+    for cls in np.unique(label):
+        inside = label == cls
+        whole |= ndimage.binary_dilation(inside, iterations=band) & ~inside
+    found = _near_boundaries(label, band)
+    assert np.array_equal(found, whole) and 0 < found.sum() < found.size
+    assert not _near_boundaries(np.zeros((5, 6, 7), dtype=np.int64), band).any()
