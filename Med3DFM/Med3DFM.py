@@ -347,6 +347,12 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.statusLabel.text = _("Python packages are missing: segmentation was not started.")
                 return
+            question = self.logic.licenceQuestion(node.modelId)
+            if question and not slicer.util.confirmOkCancelDisplay(question, _("Med3DFM: model licence")):
+                self.ui.statusLabel.text = _("The model's licence was not acknowledged: segmentation was not started.")
+                return
+            if question:
+                self.logic.acknowledgeLicence(node.modelId)
             try:
                 self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation, node.confidence, node.flagBelow)
             except Med3DFMJobError as err:  # e.g. the volume is outside the model's domain: a message, not a result

@@ -32,6 +32,7 @@ from Med3DFMLib.io.tables import write_tsv
 from Med3DFMLib.io.volumes import read_volume, write_volume
 from Med3DFMLib.preprocess import InputSpec, labels_and_confidence, to_model_input
 from Med3DFMLib.progress import Progress
+from Med3DFMLib.registry import licences
 from Med3DFMLib.record import new_record, record_path_for
 
 if TYPE_CHECKING:
@@ -208,6 +209,7 @@ def run_segment(
     flag_below: float = DEFAULT_THRESHOLD,
     color_table: Optional[Path] = None,
     segmenters: Optional[Dict[Tuple[str, str, float], LoadedSegmenter]] = None,
+    accept_licence: bool = False,
 ) -> Dict[str, Any]:
     """The whole `med3dfm segment` job; returns the record written beside the output.
 
@@ -215,7 +217,9 @@ def run_segment(
     scan outside its domain (the record's `domain.forced` says so). `confidence`: also write a
     per-voxel confidence volume (`confidence_measure`) on the input grid; the record then lists the
     segments holding the voxels below `flag_below`. `color_table`: also the model's label table as a
-    Slicer colour table (.csv with names, colours and terminology), for the plain label map. `segmenters`: models already loaded, by
+    Slicer colour table (.csv with names, colours and terminology), for the plain label map.
+    `accept_licence`: acknowledge a licence that restricts use (Med3DFMLib/registry/licences.py); a
+    restricted model that was never acknowledged is refused before it runs. `segmenters`: models already loaded, by
     (sha256, device, overlap), reused and added to (a batch loads each model once).
     """
     if confidence_measure not in MEASURES:
@@ -253,6 +257,9 @@ def run_segment(
     tick = time.perf_counter()
     choice = choose_model(measure_image(image), model_spec, registry, force, progress)
     record["domain"] = choice.as_record()
+    limit = licences.require({"id": choice.resolved.id, **choice.resolved.card}, accept_licence)
+    if limit is not None:
+        record["licence"] = {"licence": choice.resolved.card.get("licence"), "restriction": limit, "acknowledged": True}
     progress.update("model", 0.5, _choice_message(choice))
     key = (choice.resolved.sha256, device, overlap)
     segmenter = segmenters.get(key) if segmenters is not None else None

@@ -173,6 +173,25 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             return None
         return environment.estimate_cpu_seconds(imageData.GetDimensions(), volumeNode.GetSpacing(), entry.get("input", {}))
 
+    def licenceQuestion(self, modelId: str) -> Optional[str]:
+        """The question to ask before a model whose licence restricts use runs for the first time; None
+        when it does not restrict use or was acknowledged (Med3DFMLib/registry/licences.py, torch-free)."""
+        from Med3DFMLib.registry import licences
+
+        entry = self.registryEntry(modelId)
+        if not entry or licences.is_acknowledged(entry):
+            return None
+        return _("{model} is licensed {licence}: {restriction}. Use it only as its licence allows. Acknowledge and continue?").format(
+            model=entry.get("title") or entry.get("id"), licence=entry.get("licence", "?"), restriction=licences.restriction(entry))
+
+    def acknowledgeLicence(self, modelId: str) -> None:
+        """Remember the acknowledgement for this model (the same file the command line reads)."""
+        from Med3DFMLib.registry import licences
+
+        entry = self.registryEntry(modelId)
+        if entry:
+            licences.acknowledge(entry, by="Slicer panel")
+
     def memoryCheck(self, volumeNode, modelId: str, onCpu: bool) -> Optional[Tuple[int, Optional[int], bool]]:
         """(bytes the segment job needs, bytes available or None, fits) for this volume and model; None if unknown."""
         entry = self.registryEntry(modelId)

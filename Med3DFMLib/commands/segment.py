@@ -36,6 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          help="with --confidence: list the segments holding most voxels below this confidence (default %(default)s)")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, 0..0.9 (default 0.25)")
     segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
+    segment.add_argument("--accept-licence", action="store_true", help="acknowledge the model's licence when it restricts use (non-commercial, "
+                         "research only); remembered for that model")
     segment.add_argument("--force", action="store_true", help="run --model even on a scan outside its declared domain (modality, field of view, "
                          "intensities); the job record says so")
     add_common_options(segment)
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         confidence_measure=args.confidence_measure,
         flag_below=args.flag_below,
         color_table=args.color_table,
+        accept_licence=args.accept_licence,
     )
     if progress.mode != "json":
         segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])

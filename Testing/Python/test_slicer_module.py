@@ -974,6 +974,22 @@ def test_copy_diagnostics_includes_the_devices_the_job_interpreter_sees(module):
     assert f"torch {torch.__version__}" in section and "NVIDIA driver:" in section and "--device auto runs on:" in section
 
 
+def test_a_restricted_licence_is_asked_about_once_in_the_panel(module, monkeypatch):
+    """The panel asks before the first Segment with a model whose licence restricts use, and the answer
+    is the one the job's command line reads (MED3DFM_HOME/licences.json)."""
+    from Med3DFMLib.registry import licences
+
+    logic = module.Med3DFMLogic()
+    assert logic.licenceQuestion(DEMO) is None  # CC-BY-SA: nothing to acknowledge
+    restricted = {"id": "nc-model", "title": "NC model", "licence": "CC-BY-NC-4.0"}
+    monkeypatch.setattr(logic, "registryEntry", lambda model_id: restricted)
+    question = logic.licenceQuestion("nc-model")
+    assert "CC-BY-NC-4.0" in question and "non-commercial use only" in question
+    logic.acknowledgeLicence("nc-model")
+    assert logic.licenceQuestion("nc-model") is None and licences.is_acknowledged(restricted)
+    assert json.loads((licences.models_home() / licences.FILE).read_text())["nc-model"]["by"] == "Slicer panel"
+
+
 def test_logic_reports_a_failed_job(module, hippocampus_case):
     import slicer_standin
 

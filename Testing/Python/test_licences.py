@@ -1,0 +1,67 @@
+"""A model whose licence restricts use runs only after it was acknowledged once (remembered per model
+and licence), on the command line with --accept-licence; unrestricted models never ask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from Med3DFMLib.cli import main
+from Med3DFMLib.registry import licences
+
+
+@pytest.mark.parametrize("card, expected", [
+    ({"licence": "CC-BY-NC-4.0"}, "non-commercial use only"),
+    ({"licence": "CC-BY-NC-SA-4.0"}, "non-commercial use only"),
+    ({"licence": "Non-commercial research licence"}, "non-commercial use only"),
+    ({"licence": "for research use only"}, "research use only"),
+    ({"licence": "Academic Free"}, "academic use only"),
+    ({"licence": "CC-BY-SA-4.0"}, None),
+    ({"licence": "Apache-2.0"}, None),
+    ({"licence": "NCSA"}, None),  # the University of Illinois/NCSA licence is permissive
+    ({"licence": "MIT", "use_restrictions": "not for clinical use"}, "not for clinical use"),
+    ({}, None),
+])
+def test_what_a_licence_restricts(card, expected):
+    assert licences.restriction(card) == expected
+
+
+@pytest.fixture()
+def restricted_model(tmp_path):
+    """The demo model's weights with a non-commercial licence in their card."""
+    from Med3DFMLib.registry import resolve_model
+    from Med3DFMLib.weights import read_weights, write_weights
+
+    tensors, card = read_weights(resolve_model("hippocampus-mr-demo").weights)
+    path = tmp_path / "nc-model.safetensors"
+    write_weights(path, tensors, {**card, "id": "hippocampus-nc-test", "licence": "CC-BY-NC-4.0"})
+    return path
+
+
+def test_a_restricted_model_asks_once_and_remembers(tmp_path, hippocampus_case, restricted_model, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    command = ["segment", str(hippocampus_case[0]), "--model", str(restricted_model), "--progress", "none"]
+    assert main(command + ["-o", str(out / "a.seg.nrrd")]) == 1
+    error = capsys.readouterr().err
+    assert "CC-BY-NC-4.0 (non-commercial use only)" in error and "--accept-licence" in error
+    assert list(out.iterdir()) == []  # refused before anything was written
+    assert main(command + ["-o", str(out / "b.seg.nrrd"), "--accept-licence"]) == 0
+    record = json.loads((out / "b.json").read_text())
+    assert record["licence"] == {"licence": "CC-BY-NC-4.0", "restriction": "non-commercial use only", "acknowledged": True}
+    assert main(command + ["-o", str(out / "c.seg.nrrd")]) == 0  # remembered
+    stored = json.loads((licences.models_home() / licences.FILE).read_text())
+    assert stored["hippocampus-nc-test"]["restriction"] == "non-commercial use only"
+
+
+def test_a_changed_licence_asks_again_and_a_free_one_never(tmp_path):
+    card = {"id": "m", "licence": "CC-BY-NC-4.0"}
+    with pytest.raises(Exception, match="--accept-licence"):
+        licences.require(card, home=tmp_path)
+    assert licences.require(card, accept=True, home=tmp_path) == "non-commercial use only"
+    assert licences.is_acknowledged(card, tmp_path)
+    assert not licences.is_acknowledged({**card, "licence": "CC-BY-NC-ND-4.0"}, tmp_path)
+    assert licences.is_acknowledged({"id": "free", "licence": "Apache-2.0"}, tmp_path)
+    (tmp_path / licences.FILE).write_text("not json")
+    assert not licences.is_acknowledged(card, tmp_path)  # unreadable: ask again
