@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.io.atomic import write_text_atomic
-from Med3DFMLib.io.tables import format_tsv
+from Med3DFMLib.io.tables import format_tsv, read_list_text, resolve_listed_path
 from Med3DFMLib.progress import Progress
 
 SUMMARY = "summary.tsv"
@@ -78,12 +78,7 @@ def read_batch_list(path: Path, output_dir: Path, suffix: str, roi: bool = False
     leaves `output_dir` or is named twice.
     """
     path = Path(path)
-    if not path.is_file():
-        raise Med3DFMError(f"list file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise Med3DFMError(f"cannot read list file {path}: {err}") from None
+    text = read_list_text(path)
     numbered = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip() and not line.lstrip().startswith("#")]
     if not numbered:
         raise Med3DFMError(f"{path.name} is empty; it needs a header line (input[,output][,id]) and one row per scan")
@@ -106,7 +101,7 @@ def read_batch_list(path: Path, output_dir: Path, suffix: str, roi: bool = False
         given = values.get(column, "")
         if not given:
             raise Med3DFMError(f"{where}: the {column} column is empty")
-        source = _resolve(given, base)
+        source = resolve_listed_path(given, base)
         relative = values.get("output") or stem_of(source) + suffix
         if not relative.lower().endswith(suffix):
             raise Med3DFMError(f"{where}: the output {relative!r} must end in {suffix}")
@@ -122,17 +117,12 @@ def read_batch_list(path: Path, output_dir: Path, suffix: str, roi: bool = False
         if key in seen:
             raise Med3DFMError(f"{where}: the output {relative} is also the output of {seen[key]}; give each row its own output name (an output column)")
         seen[key] = where
-        row_roi = _resolve(values["roi"], base) if roi and values.get("roi") else None
+        row_roi = resolve_listed_path(values["roi"], base) if roi and values.get("roi") else None
         row_id = values.get("id") or relative[: len(relative) - len(suffix)]
         rows.append(BatchRow(len(rows), where, row_id, given, source, relative, target, row_roi))
     if not rows:
         raise Med3DFMError(f"{path.name} has a header but no rows")
     return rows
-
-
-def _resolve(value: str, base: Path) -> Path:
-    candidate = Path(value).expanduser()
-    return candidate if candidate.is_absolute() else base / candidate
 
 
 # --- what a batch runs -----------------------------------------------------------------------------

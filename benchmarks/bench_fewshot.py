@@ -44,16 +44,20 @@ def make_inputs(folder: Path) -> tuple:
         out.SetDirection(img.GetDirection())
         return out
     big, big_labels = stretch(image), stretch(labels)
-    array = sitk.GetArrayFromImage(big_labels)
-    z = np.nonzero(array.any(axis=(1, 2)))[0]
-    painted = np.zeros_like(array)
+    return write_painted(folder, "image", big, sitk.GetArrayFromImage(big_labels))
+
+
+def write_painted(folder: Path, name: str, image: sitk.Image, labels: np.ndarray) -> tuple:
+    """The image and its labels kept on 3 axial slices (at the 25/50/75 % points of the structure's extent)."""
+    z = np.nonzero(labels.any(axis=(1, 2)))[0]
+    painted = np.zeros(labels.shape, dtype=np.uint8)
     for index in np.percentile(z, [25, 50, 75]).astype(int):
-        painted[index] = array[index]
+        painted[index] = labels[index]
     painted_image = sitk.GetImageFromArray(painted)
-    painted_image.CopyInformation(big_labels)
-    sitk.WriteImage(big, str(folder / "image.nrrd"))
-    sitk.WriteImage(painted_image, str(folder / "painted.nrrd"))
-    return folder / "image.nrrd", folder / "painted.nrrd", big.GetSize()
+    painted_image.CopyInformation(image)
+    sitk.WriteImage(image, str(folder / f"{name}.nrrd"))
+    sitk.WriteImage(painted_image, str(folder / f"{name}_painted.nrrd"))
+    return folder / f"{name}.nrrd", folder / f"{name}_painted.nrrd", image.GetSize()
 
 
 def make_ct_inputs(folder: Path) -> tuple:
@@ -69,15 +73,7 @@ def make_ct_inputs(folder: Path) -> tuple:
     reference.SetDirection(image.GetDirection())
     big = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkInt16)
     lung = np.isin(sitk.GetArrayFromImage(sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)), lobes)
-    z = np.nonzero(lung.any(axis=(1, 2)))[0]
-    painted = np.zeros(lung.shape, dtype=np.uint8)
-    for index in np.percentile(z, [25, 50, 75]).astype(int):
-        painted[index] = lung[index]
-    painted_image = sitk.GetImageFromArray(painted)
-    painted_image.CopyInformation(big)
-    sitk.WriteImage(big, str(folder / "ct.nrrd"))
-    sitk.WriteImage(painted_image, str(folder / "ct_painted.nrrd"))
-    return folder / "ct.nrrd", folder / "ct_painted.nrrd", big.GetSize()
+    return write_painted(folder, "ct", big, lung.astype(np.uint8))
 
 
 def random_walker_seconds(image_path: Path, painted_path: Path) -> dict:

@@ -282,23 +282,30 @@ def loadTable(segmentResult: "results.SegmentResult", name: str):
     return tableFromColumns(name, [(column, [row[index] for row in values]) for index, column in enumerate(header)])
 
 
-def loadHeatmap(heatmap: "results.HeatmapResult", volumeNode, name: str):
-    """Load a heatmap as a scalar volume and show it over its input: colour map, fixed 0..1 range,
-    near-zero values transparent, half opacity. Its JSON note is attached as provenance."""
-    heatmapNode = slicer.util.loadVolume(str(heatmap.path), {"name": name, "show": False})  # raises if it cannot
-    forgetTemporaryFile(heatmapNode)
-    placeUnderInputTransform(volumeNode, heatmapNode)
-    displayNode = heatmapNode.GetDisplayNode()
+def loadOverlay(path: Path, volumeNode, name: str, colorNodeId: str, lower: float, upper: float, opacity: float):
+    """Load a 0..1 map (heatmap, confidence) as a scalar volume over its input: the colour table,
+    a fixed 0..1 range, only the values in [lower, upper] drawn, at `opacity` in the slice views."""
+    overlayNode = slicer.util.loadVolume(str(path), {"name": name, "show": False})  # raises if it cannot
+    forgetTemporaryFile(overlayNode)
+    placeUnderInputTransform(volumeNode, overlayNode)
+    displayNode = overlayNode.GetDisplayNode()
     if displayNode is None:
-        heatmapNode.CreateDefaultDisplayNodes()
-        displayNode = heatmapNode.GetDisplayNode()
-    displayNode.SetAndObserveColorNodeID(HEATMAP_COLOR_NODE_ID)
+        overlayNode.CreateDefaultDisplayNodes()
+        displayNode = overlayNode.GetDisplayNode()
+    displayNode.SetAndObserveColorNodeID(colorNodeId)
     displayNode.AutoWindowLevelOff()
     displayNode.SetWindowLevelMinMax(0.0, 1.0)
-    displayNode.SetThreshold(HEATMAP_LOWER_THRESHOLD, 1.0)
+    displayNode.SetThreshold(float(lower), float(upper))
     displayNode.ApplyThresholdOn()
+    slicer.util.setSliceViewerLayers(background=volumeNode, foreground=overlayNode, foregroundOpacity=opacity)
+    return overlayNode
+
+
+def loadHeatmap(heatmap: "results.HeatmapResult", volumeNode, name: str):
+    """A heatmap over its input: perceptual colour map, near-zero values transparent, half opacity;
+    its JSON note attached as provenance."""
+    heatmapNode = loadOverlay(heatmap.path, volumeNode, name, HEATMAP_COLOR_NODE_ID, HEATMAP_LOWER_THRESHOLD, 1.0, HEATMAP_OPACITY)
     tagProvenance(heatmapNode, json.dumps(heatmap.note, sort_keys=True, default=str))
-    slicer.util.setSliceViewerLayers(background=volumeNode, foreground=heatmapNode, foregroundOpacity=HEATMAP_OPACITY)
     return heatmapNode
 
 
@@ -308,6 +315,7 @@ def confidenceColorNode():
     if existing is not None:
         return existing
     colorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLColorTableNode")
+    colorNode.UnRegister(None)  # the Python reference owns it (as Modules/Scripted/ImportItkSnapLabel does)
     colorNode.SetName(CONFIDENCE_COLOR_NODE_NAME)
     colorNode.SetTypeToUser()  # a user table: its entries may be set (Libs/MRML/Core/vtkMRMLColorTableNode.h)
     colorNode.SetNumberOfColors(256)
@@ -317,21 +325,9 @@ def confidenceColorNode():
 
 
 def loadConfidence(confidencePath: Path, volumeNode, name: str, flagBelow: float):
-    """Load a confidence volume over its input: values 0..1 on the confidence colour table, only the
-    voxels below `flagBelow` drawn (the ones to check)."""
-    confidenceNode = slicer.util.loadVolume(str(confidencePath), {"name": name, "show": False})  # raises if it cannot
-    forgetTemporaryFile(confidenceNode)
-    placeUnderInputTransform(volumeNode, confidenceNode)
-    displayNode = confidenceNode.GetDisplayNode()
-    if displayNode is None:
-        confidenceNode.CreateDefaultDisplayNodes()
-        displayNode = confidenceNode.GetDisplayNode()
-    displayNode.SetAndObserveColorNodeID(confidenceColorNode().GetID())
-    displayNode.AutoWindowLevelOff()
-    displayNode.SetWindowLevelMinMax(0.0, 1.0)
-    setConfidenceThreshold(confidenceNode, flagBelow)
-    slicer.util.setSliceViewerLayers(background=volumeNode, foreground=confidenceNode, foregroundOpacity=CONFIDENCE_OPACITY)
-    return confidenceNode
+    """A confidence volume over its input on the confidence colour table, only the voxels below
+    `flagBelow` drawn (the ones to check)."""
+    return loadOverlay(confidencePath, volumeNode, name, confidenceColorNode().GetID(), 0.0, flagBelow, CONFIDENCE_OPACITY)
 
 
 def setConfidenceThreshold(confidenceNode, flagBelow: float) -> None:

@@ -22,6 +22,7 @@ from Med3DFMLib.classify.model import STRIDE, cell_occupancy, log_weights, token
 from Med3DFMLib.classify.train import Example
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.fewshot.features import VolumeFeatures, cached_features
+from Med3DFMLib.io.tables import read_list_text, resolve_listed_path
 from Med3DFMLib.preprocess import InputSpec, to_model_input
 from Med3DFMLib.progress import Progress
 
@@ -113,12 +114,7 @@ class ListRow:
 def read_list(path: Path, need_class: bool) -> List[ListRow]:
     """Rows of a CSV with a header: image[,class][,roi][,mask]; relative paths are against the CSV's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise Med3DFMError(f"list file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise Med3DFMError(f"cannot read list file {path}: {err}") from None
+    text = read_list_text(path)
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise Med3DFMError(f"{path.name} is empty; it needs a header line (image{',class' if need_class else ''}[,roi]) and one row per scan")
@@ -137,21 +133,16 @@ def read_list(path: Path, need_class: bool) -> List[ListRow]:
         values = {h: (cells[i].strip() if i < len(cells) else "") for i, h in enumerate(header)}
         if not values.get("image"):
             raise Med3DFMError(f"{where}: the image column is empty")
-        row = ListRow(where, _resolve(values["image"], base))
+        row = ListRow(where, resolve_listed_path(values["image"], base))
         if need_class:
             if not values.get("class"):
                 raise Med3DFMError(f"{where}: the class column is empty")
             row.class_name = values["class"]
         if values.get("roi"):
-            row.roi = _resolve(values["roi"], base)
+            row.roi = resolve_listed_path(values["roi"], base)
         if values.get("mask"):
-            row.mask = _resolve(values["mask"], base)
+            row.mask = resolve_listed_path(values["mask"], base)
         rows.append(row)
     if not rows:
         raise Med3DFMError(f"{path.name} has a header but no rows")
     return rows
-
-
-def _resolve(value: str, base: Path) -> Path:
-    candidate = Path(value).expanduser()
-    return candidate if candidate.is_absolute() else base / candidate

@@ -205,6 +205,9 @@ class vtkMRMLColorTableNode(Node):
     def SetTypeToUser(self) -> None:
         self.type = "User"
 
+    def UnRegister(self, _owner: Any) -> None:
+        pass  # VTK reference counting; nothing to do in Python
+
     def SetNumberOfColors(self, n: int) -> None:
         self.colors = [("", (0.0, 0.0, 0.0, 0.0))] * int(n)
 
