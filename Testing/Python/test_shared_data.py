@@ -60,12 +60,13 @@ def test_segment_every_shared_volume(tmp_path, relative, capsys):
 
 
 def test_the_copies_in_testing_data_are_what_shared_data_holds():
-    """Testing/Data's copies (ATTRIBUTION.md) are byte for byte the files of ../shared/data, and its two
-    derived files are what their recipe gives: the adrenal subset and the 4 mm aseg."""
+    """Testing/Data's copies (ATTRIBUTION.md) are byte for byte the files of ../shared/data, and its
+    derived files are what their recipe gives: the adrenal subset, the 4 mm aseg and the 2 mm SynthSeg maps."""
     import SimpleITK as sitk
 
     data = Path(__file__).resolve().parents[1] / "Data"
-    copies = [p for p in data.rglob("*") if p.is_file() and p.name != "ATTRIBUTION.md" and p.suffix != ".npz" and p.name not in ("t1_brain_4mm.nii.gz", "aseg_4mm.nii.gz")]
+    copies = [p for p in data.rglob("*") if p.is_file() and p.name != "ATTRIBUTION.md" and p.suffix != ".npz" and p.name not in ("t1_brain_4mm.nii.gz", "aseg_4mm.nii.gz")
+              and not p.name.endswith("_2mm.nii.gz")]
     for path in copies:
         relative = path.relative_to(data)
         source = SHARED / (relative.relative_to("evaluation") if relative.parts[0] == "evaluation" else relative)
@@ -85,4 +86,11 @@ def test_the_copies_in_testing_data_are_what_shared_data_holds():
     expected = sitk.Resample(aseg, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, aseg.GetPixelID())
     shipped = sitk.ReadImage(str(data / "brain" / "aseg_4mm.nii.gz"))
     assert shipped.GetPixelID() == aseg.GetPixelID() and np.array_equal(sitk.GetArrayFromImage(shipped), sitk.GetArrayFromImage(expected))
+    # two SynthSeg label maps, every second voxel (nearest neighbour onto a 2 mm grid, same origin and direction)
+    for number in ("01", "02"):
+        full_map = sitk.ReadImage(str(SHARED / "synthseg" / f"training_seg_{number}.nii.gz"))
+        shipped_map = sitk.ReadImage(str(data / "synthseg" / f"training_seg_{number}_2mm.nii.gz"))
+        assert shipped_map.GetPixelID() == sitk.sitkUInt16 and shipped_map.GetSpacing() == (2.0, 2.0, 2.0)
+        assert shipped_map.GetOrigin() == full_map.GetOrigin() and shipped_map.GetDirection() == full_map.GetDirection()
+        assert np.array_equal(sitk.GetArrayFromImage(shipped_map), sitk.GetArrayFromImage(full_map)[::2, ::2, ::2])
     assert np.allclose(ijk_to_lps(shipped), ijk_to_lps(grid))
