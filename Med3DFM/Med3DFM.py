@@ -235,6 +235,8 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             index = self.ui.modelComboBox.findData(self._parameterNode.modelId)
             if index >= 0:
                 self.ui.modelComboBox.currentIndex = index
+            elif self.ui.modelComboBox.count > 0:  # the chosen model is gone (deleted): Segment uses the one shown
+                self._parameterNode.modelId = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex)
         self.populateClassifierComboBox()
         self.populateExplainTargets()
 
@@ -348,11 +350,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Python packages are missing: segmentation was not started.")
                 return
             question = self.logic.licenceQuestion(node.modelId)
-            if question and not slicer.util.confirmOkCancelDisplay(question, _("Med3DFM: model licence")):
+            if question and not self.logic.acknowledgeLicence(node.modelId, slicer.util.confirmOkCancelDisplay(question, _("Med3DFM: model licence"))):
                 self.ui.statusLabel.text = _("The model's licence was not acknowledged: segmentation was not started.")
                 return
-            if question:
-                self.logic.acknowledgeLicence(node.modelId)
             try:
                 self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation, node.confidence, node.flagBelow)
             except Med3DFMJobError as err:  # e.g. the volume is outside the model's domain: a message, not a result

@@ -184,13 +184,14 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         return _("{model} is licensed {licence}: {restriction}. Use it only as its licence allows. Acknowledge and continue?").format(
             model=entry.get("title") or entry.get("id"), licence=entry.get("licence", "?"), restriction=licences.restriction(entry))
 
-    def acknowledgeLicence(self, modelId: str) -> None:
-        """Remember the acknowledgement for this model (the same file the command line reads)."""
+    def acknowledgeLicence(self, modelId: str, accepted: bool = True) -> bool:
+        """When `accepted`, remember it for this model (the same file the command line reads); returns `accepted`."""
         from Med3DFMLib.registry import licences
 
         entry = self.registryEntry(modelId)
-        if entry:
+        if entry and accepted:
             licences.acknowledge(entry, by="Slicer panel")
+        return accepted
 
     def memoryCheck(self, volumeNode, modelId: str, onCpu: bool) -> Optional[Tuple[int, Optional[int], bool]]:
         """(bytes the segment job needs, bytes available or None, fits) for this volume and model; None if unknown."""

@@ -985,7 +985,8 @@ def test_a_restricted_licence_is_asked_about_once_in_the_panel(module, monkeypat
     monkeypatch.setattr(logic, "registryEntry", lambda model_id: restricted)
     question = logic.licenceQuestion("nc-model")
     assert "CC-BY-NC-4.0" in question and "non-commercial use only" in question
-    logic.acknowledgeLicence("nc-model")
+    assert not logic.acknowledgeLicence("nc-model", False) and logic.licenceQuestion("nc-model")
+    assert logic.acknowledgeLicence("nc-model", True)
     assert logic.licenceQuestion("nc-model") is None and licences.is_acknowledged(restricted)
     assert json.loads((licences.models_home() / licences.FILE).read_text())["nc-model"]["by"] == "Slicer panel"
 
