@@ -206,9 +206,9 @@ class SegmentTask(BatchTask):
     result_columns = ["segments"]
 
     def __init__(self, model: Optional[str], device: str = "auto", overlap: float = 0.25, registry: Optional[str] = None,
-                 force: bool = False, labelmaps: bool = False, overwrite: bool = True) -> None:
+                 force: bool = False, labelmaps: bool = False, overwrite: bool = True, accept_licence: bool = False) -> None:
         self.model, self.device, self.overlap, self.registry = model, device, overlap, registry
-        self.force, self.labelmaps, self.overwrite = force, labelmaps, overwrite
+        self.force, self.labelmaps, self.overwrite, self.accept_licence = force, labelmaps, overwrite, accept_licence
         self.segmenters: Dict[Tuple[str, str, float], Any] = {}
         self.model_sha256: Optional[str] = None
 
@@ -240,7 +240,7 @@ class SegmentTask(BatchTask):
 
         labelmap = self.labelmap_of(row)
         record = run_segment(row.input, row.output, self.model, device=self.device, labelmap=labelmap, overlap=self.overlap, registry=self.registry,
-                             overwrite=self.overwrite, force=self.force, segmenters=self.segmenters)
+                             overwrite=self.overwrite, force=self.force, segmenters=self.segmenters, accept_licence=self.accept_licence)
         outputs = {"segmentation": row.output, "record": record_path_for(row.output)}
         if labelmap is not None:
             outputs["labelmap"] = labelmap

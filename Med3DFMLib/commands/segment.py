@@ -52,7 +52,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     if check_batch_arguments(args, ["--output", "--labelmap", "--table", "--confidence", "--color-table"]):
         from Med3DFMLib.batch import SegmentTask, run_batch_command
 
-        task = SegmentTask(args.model, args.device, args.overlap, args.registry, args.force, args.labelmaps, overwrite=not args.no_overwrite)
+        task = SegmentTask(args.model, args.device, args.overlap, args.registry, args.force, args.labelmaps, overwrite=not args.no_overwrite,
+                           accept_licence=args.accept_licence)
         return run_batch_command(task, args, progress)
     if args.labelmaps:
         raise Med3DFMError("--labelmaps goes with --list; for one scan use --labelmap FILE")

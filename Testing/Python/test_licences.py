@@ -65,3 +65,14 @@ def test_a_changed_licence_asks_again_and_a_free_one_never(tmp_path):
     assert licences.is_acknowledged({"id": "free", "licence": "Apache-2.0"}, tmp_path)
     (tmp_path / licences.FILE).write_text("not json")
     assert not licences.is_acknowledged(card, tmp_path)  # unreadable: ask again
+
+
+def test_a_batch_with_a_restricted_model_needs_the_acknowledgement_too(tmp_path, hippocampus_case, restricted_model):
+    listing = tmp_path / "scans.csv"
+    listing.write_text(f"input\n{hippocampus_case[0]}\n")
+    command = ["segment", "--list", str(listing), "--model", str(restricted_model), "--progress", "none"]
+    assert main(command + ["--output-dir", str(tmp_path / "a")]) == 3  # the scan failed, with the licence line
+    summary = (tmp_path / "a" / "summary.tsv").read_text()
+    assert "failed" in summary and "--accept-licence" in summary
+    assert main(command + ["--output-dir", str(tmp_path / "b"), "--accept-licence"]) == 0
+    assert "\tdone\t" in (tmp_path / "b" / "summary.tsv").read_text()
