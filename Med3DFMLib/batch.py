@@ -18,6 +18,7 @@ works with more processes than GPUs on a node.
 from __future__ import annotations
 
 import argparse
+from abc import ABC, abstractmethod
 import csv
 import datetime as _dt
 import json
@@ -128,7 +129,7 @@ def read_batch_list(path: Path, output_dir: Path, suffix: str, roi: bool = False
 # --- what a batch runs -----------------------------------------------------------------------------
 
 
-class BatchTask:
+class BatchTask(ABC):
     """One command over many scans: `prepare` loads what is shared, `run` does one scan and returns
     its outputs (role → path) and its summary cells, `verify` reads an output back (Med3DFMError)."""
 
@@ -144,8 +145,9 @@ class BatchTask:
         """What must be unchanged for a finished scan to be skipped."""
         return {}
 
+    @abstractmethod
     def run(self, row: BatchRow) -> Tuple[Dict[str, Path], Dict[str, str]]:
-        raise NotImplementedError
+        """Process one scan: its outputs (role -> path) and its summary cells."""
 
     def verify(self, path: Path) -> None:
         verify_output(path)

@@ -682,26 +682,27 @@ def errorDisplay(text, windowTitle=None, parent=None, standardButtons=None, **kw
                     icon=qt.QMessageBox.Critical, standardButtons=standardButtons, **kwargs)
 
 
-def confirmOkCancelDisplay(text, windowTitle=None, parent=None, **kwargs):
+def _confirm(text, windowTitle, parent, buttons, accept, **kwargs) -> bool:
+    """A question box with `buttons`; True when the answer is `accept` (util.py's confirm*Display)."""
     import qt
     import slicer
 
     if not windowTitle:
         windowTitle = slicer.app.applicationName + " confirmation"
-    result = _messageDisplay(logging.INFO, text, True, parent=parent, windowTitle=windowTitle, icon=qt.QMessageBox.Question,
-                             standardButtons=qt.QMessageBox.Ok | qt.QMessageBox.Cancel, **kwargs)
-    return result == qt.QMessageBox.Ok
+    result = _messageDisplay(logging.INFO, text, True, parent=parent, windowTitle=windowTitle, icon=qt.QMessageBox.Question, standardButtons=buttons, **kwargs)
+    return result == accept
+
+
+def confirmOkCancelDisplay(text, windowTitle=None, parent=None, **kwargs):
+    import qt
+
+    return _confirm(text, windowTitle, parent, qt.QMessageBox.Ok | qt.QMessageBox.Cancel, qt.QMessageBox.Ok, **kwargs)
 
 
 def confirmYesNoDisplay(text, windowTitle=None, parent=None, **kwargs):
     import qt
-    import slicer
 
-    if not windowTitle:
-        windowTitle = slicer.app.applicationName + " confirmation"
-    result = _messageDisplay(logging.INFO, text, True, parent=parent, windowTitle=windowTitle, icon=qt.QMessageBox.Question,
-                             standardButtons=qt.QMessageBox.Yes | qt.QMessageBox.No, **kwargs)
-    return result == qt.QMessageBox.Yes
+    return _confirm(text, windowTitle, parent, qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.Yes, **kwargs)
 
 
 @contextlib.contextmanager
