@@ -9,8 +9,6 @@ the panel polls the job's JSON progress lines. Slicer-side helpers are in Med3DF
 that needs no Slicer in Med3DFMSupport/ (see their __init__.py).
 """
 
-import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,11 +20,12 @@ from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-from Med3DFMSlicer import HELPER_MODULES, installer
+from Med3DFMSlicer import HELPER_MODULES, installer, panel_checks
 from Med3DFMSlicer.logic import Med3DFMLogic
+from Med3DFMSlicer.panel_models import ModelsPanelMixin
 from Med3DFMSlicer.parameters import Med3DFMParameterNode
 from Med3DFMSlicer.sample_data import registerSampleData
-from Med3DFMSupport import choices, environment, fit, jobs, results
+from Med3DFMSupport import choices, fit, jobs, results
 from Med3DFMSupport.jobs import Med3DFMJobError
 
 # Also part of this file's namespace, for Slicer and scripts: Slicer runs the self-test class
@@ -74,7 +73,10 @@ class Med3DFM(ScriptedLoadableModule):
 #
 
 
-class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class Med3DFMWidget(ModelsPanelMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel; the model lists and the Models section are ModelsPanelMixin's (Med3DFMSlicer/panel_models.py),
+    the checks before a job (estimate, licence) Med3DFMSlicer/panel_checks.py's."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -93,6 +95,7 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelRows: List[results.ModelRow] = []
         self._modelFits: List[fit.ModelFit] = []  # the Segment model list, marked for _fitsVolumeKey
         self._fitsVolumeKey: Optional[Tuple[Any, ...]] = None
+        self._listedAllVersions = False  # whether the Segment model list shows every version
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -114,6 +117,8 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
+        self.ui.downloadSampleButton.connect("clicked(bool)", self.onDownloadSample)
+        self.ui.modelsTableWidget.connect("itemSelectionChanged()", self._updateModelsGUI)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
@@ -153,6 +158,8 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job is not None:
                 job.cancel()
                 job.cleanup()
+        if self.logic is not None:
+            self.logic.cancelDeviceProbe()
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -217,73 +224,10 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- GUI state -----------------------------------------------------------------------------
 
-    def populateModelComboBox(self) -> None:
-        """The Segment models, each marked as fitting the input volume or not (the library's domain check)."""
-        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
-        wasBlocked = self.ui.modelComboBox.blockSignals(True)
-        self.ui.modelComboBox.clear()
-        try:
-            self._modelFits = self.logic.modelFits(volumeNode)
-        except Exception as err:  # a broken registry or an unreadable volume must not break the panel
-            logging.error(f"Med3DFM: cannot list the segmentation models for this volume: {err}")
-            self._modelFits = []
-        self._fitsVolumeKey = self.logic.volumeKey(volumeNode)
-        for marked in self._modelFits:
-            self.ui.modelComboBox.addItem(marked.label, marked.model_id)
-        self.ui.modelComboBox.blockSignals(wasBlocked)
-        if self._parameterNode:
-            index = self.ui.modelComboBox.findData(self._parameterNode.modelId)
-            if index >= 0:
-                self.ui.modelComboBox.currentIndex = index
-            elif self.ui.modelComboBox.count > 0:  # the chosen model is gone (deleted): Segment uses the one shown
-                self._parameterNode.modelId = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex)
-        self.populateClassifierComboBox()
-        self.populateExplainTargets()
-
-    def populateClassifierComboBox(self) -> None:
-        combo = self.ui.classifierComboBox
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        try:
-            choices = self.logic.classifierChoices()
-        except Exception as err:  # an unreadable model folder must not break the panel
-            logging.error(f"Med3DFM: cannot list classification adapters: {err}")
-            choices = []
-        for label, modelId in choices:
-            combo.addItem(label, modelId)
-        combo.blockSignals(wasBlocked)
-        node = self._parameterNode
-        if node and choices:
-            index = combo.findData(node.classifierId)
-            if index < 0:
-                node.classifierId = combo.itemData(0)
-            else:
-                combo.currentIndex = index
-
-    def populateExplainTargets(self) -> None:
-        """The segments of the Segment section's model (what Explain can map)."""
-        combo = self.ui.explainTargetComboBox
-        node = self._parameterNode
-        try:
-            names = self.logic.explainTargets(node.modelId) if node else []
-        except Exception as err:  # a broken registry must not break the panel
-            logging.error(f"Med3DFM: cannot read the segments of {node.modelId}: {err}")
-            names = []
-        if [combo.itemText(i) for i in range(combo.count)] != names:
-            wasBlocked = combo.blockSignals(True)
-            combo.clear()
-            for name in names:
-                combo.addItem(name)
-            combo.blockSignals(wasBlocked)
-        if node and names:
-            if node.explainTarget not in names:
-                node.explainTarget = names[0]
-            combo.currentIndex = names.index(node.explainTarget)
-
     def _updateGUI(self, caller=None, event=None) -> None:
         node = self._parameterNode
         running = self._job is not None
-        if node and self.logic.volumeKey(node.inputVolume) != self._fitsVolumeKey:
+        if self.modelListIsStale():
             self.populateModelComboBox()
         if node:
             index = self.ui.modelComboBox.findData(node.modelId)
@@ -307,25 +251,10 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = _("Segment the input volume") if canApply else _("Select an input volume and a model")
         self.ui.cancelButton.enabled = running
         self.ui.domainLabel.text = fit.mismatch_message(node.modelId, self._modelFits) if node else ""
-        self.ui.estimateLabel.text = self._estimateText() if node and node.inputVolume else ""
-
-    def _estimateText(self) -> str:
-        """Where the job will run, how long on the CPU, and whether the scan fits in memory, before Segment."""
-        node = self._parameterNode
-        onGpu = node.device == "cuda" or (node.device == "auto" and self.logic.cudaLikelyAvailable())
-        parts = [_("Runs on the GPU (CUDA).")] if onGpu else []
-        if not onGpu:
-            seconds = self.logic.estimateSeconds(node.inputVolume, node.modelId)
-            parts.append(_("Runs on the CPU: this can take a while.") if seconds is None else
-                         _("Runs on the CPU: expect {duration}. A CUDA GPU is much faster.").format(duration=environment.describe_duration(seconds)))
-        memory = self.logic.memoryCheck(node.inputVolume, node.modelId, onCpu=not onGpu)
-        if memory is not None and memory[1] is not None:
-            needed, available, fits = memory
-            text = _("Needs about {needed} of memory ({available} free).") if fits else _(
-                "Will not fit: needs about {needed} of memory, {available} free. Crop the volume to the region you need (Crop Volume module) "
-                "or close other programs; a coarser copy does not help, the model resamples every scan to its own spacing.")
-            parts.append(text.format(needed=environment.describe_bytes(needed), available=environment.describe_bytes(available)))
-        return " ".join(parts)
+        self.ui.estimateLabel.text = panel_checks.estimateText(self.logic, node) if node and node.inputVolume else ""
+        self._updateModelsGUI()
+        if self.logic.deviceProbeRunning():
+            self._timer.start()  # onPollJobs shows the GPU's memory once the probe answers
 
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:
@@ -349,12 +278,12 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.statusLabel.text = _("Python packages are missing: segmentation was not started.")
                 return
-            question = self.logic.licenceQuestion(node.modelId)
-            if question and not self.logic.acknowledgeLicence(node.modelId, slicer.util.confirmOkCancelDisplay(question, _("Med3DFM: model licence"))):
-                self.ui.statusLabel.text = _("The model's licence was not acknowledged: segmentation was not started.")
+            if not panel_checks.licenceAcknowledged(self.logic, node.modelId, self.ui.statusLabel,
+                                                    _("The model's licence was not acknowledged: segmentation was not started.")):
                 return
             try:
-                self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation, node.confidence, node.flagBelow)
+                self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation, node.confidence, node.flagBelow,
+                                                    node.rawLabelNames)
             except Med3DFMJobError as err:  # e.g. the volume is outside the model's domain: a message, not a result
                 self.ui.statusLabel.text = str(err)
                 return
@@ -378,7 +307,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollClassifyJob()
         if self._modelsJob is not None:
             self._pollModelsJob()
-        if all(job is None for job in (self._job, self._modelsJob, self._learnJob, self._classifyJob)):
+        if self.logic.pollDeviceProbe():  # torch has answered: the estimate can show the GPU's memory
+            self._updateGUI()
+        if all(job is None for job in (self._job, self._modelsJob, self._learnJob, self._classifyJob)) and not self.logic.deviceProbeRunning():
             self._timer.stop()
 
     def _showProgress(self, job, bar, label, describe=None) -> bool:
@@ -538,6 +469,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.learnStatusLabel.text = _("Python packages are missing: learning was not started.")
                 return
+            if not panel_checks.licenceAcknowledged(self.logic, choices.DEFAULT_ENCODER, self.ui.learnStatusLabel,
+                                                    _("The encoder's licence was not acknowledged: learning was not started."), encoder=True):
+                return
             if self._otherPatients():
                 pairs = self._labelledPairNodes()
                 self._learnJob = self.logic.startLearnFromOtherPatients(pairs, node.learnName, node.learnBudgetMinutes, node.device)
@@ -607,12 +541,9 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to save the adapter."), waitCursor=True):
             arguments = self.logic.adapterImportArguments(adapter)
-            self._modelsJob = self.logic.startModelsJob("import", arguments)
             self._selectAfterImport = adapterId
             self.ui.modelsCollapsibleButton.collapsed = False
-            self._setProgress(self.ui.modelsProgressBar, 0, _("Saving {id}").format(id=adapterId))
-            self.ui.cancelModelsButton.enabled = True
-            self._timer.start()
+            self._startModelsJob("import", arguments, _("Saving {id}").format(id=adapterId))
         self._updateGUI()
 
     # --- Classify and explain ----------------------------------------------------------------------
@@ -645,10 +576,13 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExplainMethodChanged(self, index: int) -> None:
         self._setChoice("explainMethod", choices.EXPLAIN_METHODS, index)
 
-    def _startClassifyJob(self, start) -> None:
+    def _startClassifyJob(self, modelId: str, start) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start Med3DFM."), waitCursor=True):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.classifyStatusLabel.text = _("Python packages are missing: the job was not started.")
+                return
+            if not panel_checks.licenceAcknowledged(self.logic, modelId, self.ui.classifyStatusLabel,
+                                                    _("The model's licence was not acknowledged: the job was not started.")):
                 return
             self._classifyJob = start()
             self._setProgress(self.ui.classifyProgressBar, 0, _("Starting..."))
@@ -659,11 +593,11 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onClassifyButton(self) -> None:
         node = self._parameterNode
         method = None if node.heatmapMethod == "none" else node.heatmapMethod
-        self._startClassifyJob(lambda: self.logic.startClassify(node.inputVolume, node.classifierId, node.classifyRoi, method, node.device))
+        self._startClassifyJob(node.classifierId, lambda: self.logic.startClassify(node.inputVolume, node.classifierId, node.classifyRoi, method, node.device))
 
     def onExplainButton(self) -> None:
         node = self._parameterNode
-        self._startClassifyJob(lambda: self.logic.startExplain(node.inputVolume, node.modelId, node.explainTarget, node.explainMethod, node.device))
+        self._startClassifyJob(node.modelId, lambda: self.logic.startExplain(node.inputVolume, node.modelId, node.explainTarget, node.explainMethod, node.device))
 
     def onClassifyCancelButton(self) -> None:
         if self._classifyJob is not None:
@@ -686,95 +620,6 @@ class Med3DFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         failure = _("Explain failed: {message}") if job.kind == "explain" else _("Classification failed: {message}")
         self._settleJob(job, self.ui.classifyProgressBar, self.ui.classifyStatusLabel, failure, _("Cancelled."), finish)
-
-    # --- Models --------------------------------------------------------------------------------
-
-    def refreshModels(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to list models."), waitCursor=True):
-            self._modelRows = results.model_rows(self.logic.listModels())
-            table = self.ui.modelsTableWidget
-            table.setRowCount(len(self._modelRows))
-            for row, model in enumerate(self._modelRows):
-                cells = [model.title or model.id, model.version, model.task, model.licence, model.size,
-                         _("yes ({where})").format(where=model.where) if model.installed else model.where]
-                for column, text in enumerate(cells):
-                    cell = qt.QTableWidgetItem(text)
-                    cell.setToolTip(f"{model.id}@{model.version}" + (f"\n{model.path}" if model.path else ""))
-                    table.setItem(row, column, cell)
-            table.resizeColumnsToContents()
-            self.ui.modelsStatusLabel.text = _("Model folder: {folder}").format(folder=self.logic.modelsFolder())
-        self.populateModelComboBox()
-        self._updateGUI()
-
-    def _selectedModel(self) -> Optional[results.ModelRow]:
-        row = self.ui.modelsTableWidget.currentRow()
-        if row < 0 or row >= len(self._modelRows):
-            slicer.util.warningDisplay(_("Select a model in the table first."))
-            return None
-        return self._modelRows[row]
-
-    def onDownloadModel(self) -> None:
-        model = self._selectedModel()
-        if model is None or self._modelsJob is not None:
-            return
-        self._modelsJob = self.logic.startModelsJob("download", [f"{model.id}@{model.version}"])
-        self._setProgress(self.ui.modelsProgressBar, 0, _("Downloading {id}").format(id=model.id))
-        self.ui.cancelModelsButton.enabled = True
-        self._timer.start()
-
-    def onImportModel(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import a Med3DFM model"), "", _("Models (*.safetensors *.zip)"))
-        if not path or self._modelsJob is not None:
-            return
-        self._modelsJob = self.logic.startModelsJob("import", [path])
-        self._setProgress(self.ui.modelsProgressBar, 0, _("Importing {name}").format(name=os.path.basename(path)))
-        self.ui.cancelModelsButton.enabled = True
-        self._timer.start()
-
-    def onRemoveModel(self) -> None:
-        model = self._selectedModel()
-        if model is None:
-            return
-        if not slicer.util.confirmOkCancelDisplay(_("Delete {id} {version} from the model folder? Bundled copies stay.").format(id=model.id, version=model.version)):
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to delete the model."), waitCursor=True):
-            self.logic.removeModel(f"{model.id}@{model.version}")
-        self.refreshModels()
-
-    def onOpenModelsFolder(self) -> None:
-        folder = self.logic.modelsFolder()
-        folder.mkdir(parents=True, exist_ok=True)
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
-
-    def onCancelModelsJob(self) -> None:
-        if self._modelsJob is not None:
-            self._modelsJob.cancel()
-
-    def _pollModelsJob(self) -> None:
-        job = self._modelsJob
-        for event in job.poll():
-            if event.kind == "progress":
-                self._setProgress(self.ui.modelsProgressBar, event.overall, event.message or event.stage)
-            elif event.kind == "result":
-                self.ui.modelsStatusLabel.text = _("{id}: {result}").format(id=event.data.get("id", ""), result=event.stage)
-        if not job.finished:
-            return
-        self._modelsJob = None
-        self.ui.modelsProgressBar.visible = False
-        self.ui.cancelModelsButton.enabled = False
-        result = job.result()
-        self.logic.rememberJob(result)
-        if result.cancelled:
-            self.ui.modelsStatusLabel.text = _("Cancelled (a partial download resumes next time).")
-        elif not result.ok:
-            self.ui.modelsStatusLabel.text = _("Failed: {message}").format(message=result.error)
-            slicer.util.errorDisplay(_("Model operation failed: {message}").format(message=result.error), detailedText=result.stderr)
-        self.refreshModels()
-        selectId, self._selectAfterImport = self._selectAfterImport, None
-        if selectId and result.ok and self._parameterNode and self.ui.modelComboBox.findData(selectId) >= 0:
-            self._parameterNode.modelId = selectId  # a saved adapter is ready for the Segment button
-            self.ui.learnStatusLabel.text = _("Saved as the model '{id}': choose it in the Segment section for other volumes.").format(id=selectId)
-        self._updateGUI()
 
     # --- Troubleshooting -----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from Med3DFMLib.confidence import DEFAULT_MEASURE, DEFAULT_THRESHOLD
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.io.atomic import write_text_atomic
 from Med3DFMLib.io.tables import format_tsv, read_list_text, resolve_listed_path
@@ -42,6 +43,7 @@ BARRIER_TIMEOUT_H = 72.0  # ranks wait this long at the end for the slowest one 
 BASE_COLUMNS = ["row", "id", "input", "output", "status", "seconds", "rank", "model"]
 TAIL_COLUMNS = ["error", "note", "sha256"]  # note: why a finished scan was redone
 _VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".tsv", ".json")
+CONFIDENCE_ENDING = "_confidence.nii.gz"  # segment --list --confidence: NAME_confidence.nii.gz beside NAME.seg.nrrd
 _RANK_FILE = re.compile(r"^\.summary\.rank(\d+)\.tsv$")
 
 
@@ -185,7 +187,16 @@ def verify_output(path: Path) -> None:
     elif name.endswith(".tsv"):
         if not _tsv_rows(path):
             raise Med3DFMError(f"{path.name} holds no table rows")
-    else:
+    elif name.endswith(".csv"):
+        from Med3DFMLib.io.color_table import read_color_table
+
+        try:
+            rows = read_color_table(path)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError) as err:
+            raise Med3DFMError(f"{path.name} does not read as a colour table: {err}") from None
+        if len(rows) < 2:
+            raise Med3DFMError(f"{path.name} holds no labels")
+    else:  # label maps and confidence volumes ("labels": a constant confidence, one certain class, is still a result)
         from Med3DFMLib.io.volumes import read_volume
 
         read_volume(path, kind="labels")
@@ -208,9 +219,15 @@ class SegmentTask(BatchTask):
     result_columns = ["segments"]
 
     def __init__(self, model: Optional[str], device: str = "auto", overlap: float = 0.25, registry: Optional[str] = None,
-                 force: bool = False, labelmaps: bool = False, overwrite: bool = True, accept_licence: bool = False) -> None:
+                 force: bool = False, labelmaps: bool = False, overwrite: bool = True, accept_licence: bool = False,
+                 confidence: bool = False, confidence_measure: str = DEFAULT_MEASURE, flag_below: float = DEFAULT_THRESHOLD,
+                 color_table: bool = False, raw_label_names: bool = False) -> None:
+        """`confidence`, `color_table`: also NAME_confidence.nii.gz and NAME.csv beside each NAME.seg.nrrd
+        (what `--confidence FILE` and `--color-table FILE` write for one scan)."""
         self.model, self.device, self.overlap, self.registry = model, device, overlap, registry
         self.force, self.labelmaps, self.overwrite, self.accept_licence = force, labelmaps, overwrite, accept_licence
+        self.confidence, self.confidence_measure, self.flag_below = confidence, confidence_measure, flag_below
+        self.color_table, self.raw_label_names = color_table, raw_label_names
         self.segmenters: Dict[Tuple[str, str, float], Any] = {}
         self.model_sha256: Optional[str] = None
 
@@ -227,25 +244,41 @@ class SegmentTask(BatchTask):
             self.model_sha256 = resolved.sha256
 
     def request(self) -> Dict[str, Any]:
-        return {"model": self.model, "model_sha256": self.model_sha256, "overlap": self.overlap, "force": self.force, "labelmaps": self.labelmaps}
+        request = {"model": self.model, "model_sha256": self.model_sha256, "overlap": self.overlap, "force": self.force, "labelmaps": self.labelmaps}
+        # only what is asked for, so the records of batches run before these options existed still match
+        if self.confidence:
+            request.update(confidence=self.confidence_measure, flag_below=self.flag_below)
+        if self.color_table:
+            request["color_table"] = True
+        if self.raw_label_names:
+            request["raw_label_names"] = True
+        return request
+
+    def _beside(self, row: BatchRow, ending: str) -> Path:
+        return row.output.with_name(row.output.name[: -len(self.suffix)] + ending)
 
     def labelmap_of(self, row: BatchRow) -> Optional[Path]:
-        return row.output.with_name(row.output.name[: -len(self.suffix)] + ".nii.gz") if self.labelmaps else None
+        return self._beside(row, ".nii.gz") if self.labelmaps else None
+
+    def extras_of(self, row: BatchRow) -> Dict[str, Path]:
+        """The optional outputs of a row by role: labelmap, confidence, color_table."""
+        extras = {"labelmap": self.labelmap_of(row), "confidence": self._beside(row, CONFIDENCE_ENDING) if self.confidence else None,
+                  "color_table": self._beside(row, ".csv") if self.color_table else None}
+        return {role: path for role, path in extras.items() if path is not None}
 
     def files(self, row: BatchRow) -> List[Path]:
-        labelmap = self.labelmap_of(row)
-        return super().files(row) + ([labelmap] if labelmap is not None else [])
+        return super().files(row) + list(self.extras_of(row).values())
 
     def run(self, row: BatchRow) -> Tuple[Dict[str, Path], Dict[str, str]]:
         from Med3DFMLib.record import record_path_for
         from Med3DFMLib.segment import run_segment
 
-        labelmap = self.labelmap_of(row)
-        record = run_segment(row.input, row.output, self.model, device=self.device, labelmap=labelmap, overlap=self.overlap, registry=self.registry,
-                             overwrite=self.overwrite, force=self.force, segmenters=self.segmenters, accept_licence=self.accept_licence)
-        outputs = {"segmentation": row.output, "record": record_path_for(row.output)}
-        if labelmap is not None:
-            outputs["labelmap"] = labelmap
+        extras = self.extras_of(row)
+        record = run_segment(row.input, row.output, self.model, device=self.device, labelmap=extras.get("labelmap"), overlap=self.overlap,
+                             registry=self.registry, overwrite=self.overwrite, force=self.force, segmenters=self.segmenters,
+                             accept_licence=self.accept_licence, confidence=extras.get("confidence"), confidence_measure=self.confidence_measure,
+                             flag_below=self.flag_below, color_table=extras.get("color_table"), raw_label_names=self.raw_label_names)
+        outputs = {"segmentation": row.output, "record": record_path_for(row.output), **extras}
         model = f"{record['model']['id']}@{record['model']['version']}"
         return outputs, {"model": model, "segments": ";".join(f"{s['name']}={s['volume_ml']}" for s in record["segments"])}
 

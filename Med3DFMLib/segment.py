@@ -12,6 +12,7 @@ forced (the record then says so). Without a model, the best fitting one is chose
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from Med3DFMLib.io.color_table import color_table_text
 from Med3DFMLib.io.atomic import atomic_path, check_writable
 from Med3DFMLib.io.segmentations import SegmentInfo, write_labelmap, write_seg_nrrd
 from Med3DFMLib.io.tables import write_tsv
+from Med3DFMLib.io.terminology import segment_names
 from Med3DFMLib.io.volumes import read_volume, write_volume
 from Med3DFMLib.preprocess import InputSpec, labels_and_confidence, to_model_input
 from Med3DFMLib.progress import Progress
@@ -210,6 +212,7 @@ def run_segment(
     color_table: Optional[Path] = None,
     segmenters: Optional[Dict[Tuple[str, str, float], LoadedSegmenter]] = None,
     accept_licence: bool = False,
+    raw_label_names: bool = False,
 ) -> Dict[str, Any]:
     """The whole `med3dfm segment` job; returns the record written beside the output.
 
@@ -220,7 +223,9 @@ def run_segment(
     Slicer colour table (.csv with names, colours and terminology), for the plain label map.
     `accept_licence`: acknowledge a licence that restricts use (Med3DFMLib/registry/licences.py); a
     restricted model that was never acknowledged is refused before it runs. `segmenters`: models already loaded, by
-    (sha256, device, overlap), reused and added to (a batch loads each model once).
+    (sha256, device, overlap), reused and added to (a batch loads each model once). `raw_label_names`: name
+    the segments of a segmentation model exactly as its card's labels, not by their terminology
+    (named_segments).
     """
     if confidence_measure not in MEASURES:
         raise Med3DFMError(f"unknown confidence measure {confidence_measure!r}; choose one of {', '.join(MEASURES)}")
@@ -241,7 +246,8 @@ def run_segment(
         check_writable(path, overwrite)
 
     record = new_record("segment")
-    record["parameters"] = {"input": str(input_path), "model": model_spec, "device": device, "overlap": overlap, "force": force}
+    record["parameters"] = {"input": str(input_path), "model": model_spec, "device": device, "overlap": overlap, "force": force,
+                            "raw_label_names": raw_label_names}
     if confidence is not None:
         record["parameters"].update(confidence_measure=confidence_measure, flag_below=flag_below)
     timings = record["timings_s"]
@@ -270,12 +276,13 @@ def run_segment(
     timings["load_model"] = time.perf_counter() - tick
     record["model"] = segmenter.provenance
     record["device"] = str(choose_device(device))
+    segments = named_segments(segmenter, choice.resolved.card, raw_label_names)
 
     labels, confidence_image = segment_image_with_confidence(image, segmenter, confidence_measure if confidence is not None else None, progress, timings)
 
     progress.update("write", 0.0, f"writing {output.name}")
     tick = time.perf_counter()
-    rows = segment_volumes_table(labels, segmenter.segments)
+    rows = segment_volumes_table(labels, segments)
     record["segments"] = [{"name": r[0], "value": r[1], "voxels": r[2], "volume_ml": round(r[4], 4)} for r in rows]
     record["outputs"] = {"segmentation": str(output)}
     if labelmap is not None:
@@ -286,11 +293,11 @@ def run_segment(
         record["outputs"]["color_table"] = str(color_table)
     if confidence is not None and confidence_image is not None:
         record["outputs"]["confidence"] = str(confidence)
-        flags = flag_low_confidence(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(confidence_image), segmenter.segments, flag_below,
+        flags = flag_low_confidence(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(confidence_image), segments, flag_below,
                                     float(np.prod(labels.GetSpacing())) / 1000.0)
         record["confidence"] = {"measure": confidence_measure, "flag_below": flag_below, "segments": flags, "summary": describe_flags(flags, flag_below)}
     with contextlib.ExitStack() as stack:
-        write_seg_nrrd(stack.enter_context(atomic_path(output)), labels, segmenter.segments)
+        write_seg_nrrd(stack.enter_context(atomic_path(output)), labels, segments)
         if labelmap is not None:
             write_labelmap(stack.enter_context(atomic_path(labelmap)), labels)
         if table is not None:
@@ -301,7 +308,7 @@ def run_segment(
                 comments=[f"model {segmenter.provenance['id']} {segmenter.provenance['version']} sha256 {segmenter.provenance['sha256']}"],
             )
         if color_table is not None:
-            stack.enter_context(atomic_path(color_table)).write_text(color_table_text(segmenter.segments), encoding="utf-8")
+            stack.enter_context(atomic_path(color_table)).write_text(color_table_text(segments), encoding="utf-8")
         if confidence is not None and confidence_image is not None:
             write_volume(stack.enter_context(atomic_path(confidence)), confidence_image)
         timings["write"] = time.perf_counter() - tick
@@ -310,6 +317,16 @@ def run_segment(
         stack.enter_context(atomic_path(record_path)).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     progress.update("done", 1.0, f"wrote {output.name}", outputs=record["outputs"])
     return record
+
+
+def named_segments(segmenter: LoadedSegmenter, card: Dict[str, Any], raw: bool = False) -> List[SegmentInfo]:
+    """The segments as a job names them: a registry segmentation model's by their terminology's standard
+    names unless `raw` (Med3DFMLib.io.terminology.segment_names); an adapter's keep the names the user
+    gave when painting them."""
+    if card.get("task") != "segment" or raw:
+        return list(segmenter.segments)
+    labels = [{"name": s.name, "terminology": s.terminology} for s in segmenter.segments]
+    return [dataclasses.replace(s, name=name) for s, name in zip(segmenter.segments, segment_names(labels))]
 
 
 def _choice_message(choice: ModelChoice) -> str:

@@ -4,6 +4,8 @@
 - nodes: MRML nodes in and out (volume to file; segmentation, table and heatmap nodes from files);
 - parameters: Med3DFMParameterNode, the panel's state saved with the scene;
 - installer: installing the Python packages the jobs need, after the user agrees, and continuing after a restart;
+- panel_models: the panel's model lists and Models section (a mixin of Med3DFMWidget);
+- panel_checks: what the panel checks before a job: the device and memory estimate, a restricted licence;
 - sample_data: the self-test's sample in Sample Data;
 - selftest: Med3DFMTest, the self-test Slicer runs.
 
@@ -26,5 +28,7 @@ HELPER_MODULES = (
     "Med3DFMSlicer.installer",
     "Med3DFMSlicer.sample_data",
     "Med3DFMSlicer.logic",
+    "Med3DFMSlicer.panel_checks",
+    "Med3DFMSlicer.panel_models",
     "Med3DFMSlicer.selftest",
 )

@@ -48,6 +48,8 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         self._dependenciesOk = False
         self._scanFacts: Tuple[Any, Any] = (None, None)  # (volumeKey, facts) of the last volume measured
         self._confidenceMaps: Dict[str, "results.ConfidenceMap"] = {}  # confidence node ID -> its labels and confidence
+        self._deviceProbe: Optional["jobs.Job"] = None  # `devices --json` running in the job interpreter
+        self._deviceFacts: Optional[Dict[str, Any]] = None  # its report, once it has ended
 
     def getParameterNode(self):
         return Med3DFMParameterNode(super().getParameterNode())
@@ -61,7 +63,8 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         return environment.job_environment(os.environ, self.libraryRoot)
 
     def registryPath(self) -> Path:
-        return self.resources / "models.json"
+        """The registry the jobs read: MED3DFM_REGISTRY (a private registry) if set, else the bundled models.json."""
+        return Path(os.environ.get("MED3DFM_REGISTRY") or self.resources / "models.json")
 
     def modelsFolder(self) -> Path:
         from Med3DFMLib.registry.cache import models_home  # torch-free
@@ -86,6 +89,48 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
 
     def cudaLikelyAvailable(self) -> bool:
         return dependencies.cuda_likely_available()
+
+    def deviceFacts(self) -> Optional[Dict[str, Any]]:
+        """What torch in the job interpreter reports (`med3dfm devices --json`: CUDA GPUs with free and total
+        memory from torch.cuda.mem_get_info, what `auto` picks); None until startDeviceProbe's job has ended."""
+        return self._deviceFacts
+
+    def startDeviceProbe(self) -> bool:
+        """Ask torch once per session, in the background (importing torch takes seconds); True while it runs."""
+        if self._deviceFacts is None and self._deviceProbe is None:
+            self._deviceProbe = jobs.Job(jobs.devices_command(self.pythonExecutable(), as_json=True), kind="devices", env=self.jobEnvironment()).start()
+        return self._deviceProbe is not None
+
+    def deviceProbeRunning(self) -> bool:
+        return self._deviceProbe is not None
+
+    def cancelDeviceProbe(self) -> None:
+        """End a probe still running (the panel is closing); the next one asks again."""
+        if self._deviceProbe is not None:
+            self._deviceProbe.cancel()
+            self._deviceProbe = None
+
+    def pollDeviceProbe(self) -> bool:
+        """Read the probe's output; True when it has just ended (its report, or {} if it failed, is then in deviceFacts)."""
+        probe = self._deviceProbe
+        if probe is None:
+            return False
+        probe.poll()
+        if not probe.finished:
+            return False
+        self._deviceProbe = None
+        result = probe.result()
+        self._deviceFacts = (jobs.device_report(result.stdout_text) if result.ok else None) or {}
+        if not result.ok:
+            logging.warning(f"Med3DFM: med3dfm devices failed: {result.error}")
+        return True
+
+    def gpuMemoryCheck(self, modelId: str) -> Optional[Tuple[int, Optional[int], int, str, bool]]:
+        """(bytes one window needs on the GPU, free, total, GPU name, fits) from the probe's report; None if unknown."""
+        entry = self.registryEntry(modelId)
+        if not entry or not self._deviceFacts:
+            return None
+        return environment.gpu_memory_check(entry.get("input", {}), self._deviceFacts)
 
     def rememberJob(self, result: "jobs.JobResult") -> None:
         self.lastJob = result.as_dict()
@@ -130,9 +175,10 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             logging.warning(f"Med3DFM: cannot list saved adapters: {err}")
             return []
 
-    def segmentModelChoices(self) -> List[Tuple[str, str]]:
-        """(label, id) for the Segment model list: registry segmentation models, then adapters saved from Learn from labels."""
-        return results.segment_model_choices(self.registryModels(task="segment"), self.installedAdapters())
+    def segmentModelChoices(self, allVersions: bool = False) -> List[Tuple[str, str]]:
+        """(label, spec) for the Segment model list: registry segmentation models (each version with
+        `allVersions`), then adapters saved from Learn from labels."""
+        return results.segment_model_choices(self.registryModels(task="segment"), self.installedAdapters(), allVersions)
 
     def classifierChoices(self) -> List[Tuple[str, str]]:
         """(label, id) for the Classify model list: classification adapters in the model folder."""
@@ -159,12 +205,15 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             self._scanFacts = (key, fit.scan_facts(voxels, nodes.ijkToRasArray(volumeNode), nodes.dicomModality(volumeNode)))
         return self._scanFacts[1]
 
-    def modelFits(self, volumeNode) -> List["fit.ModelFit"]:
+    def modelFits(self, volumeNode, allVersions: bool = False) -> List["fit.ModelFit"]:
         """The Segment model list, each marked as fitting `volumeNode` or not (unmarked without a volume)."""
+        registry = {"models": self.registryModels(task="segment")}
         entries: Dict[str, Dict[str, Any]] = {}
-        for entry in self.registryModels(task="segment") + self.installedAdapters():
-            entries.setdefault(entry["id"], entry)  # as segmentModelChoices: the registry's entry first
-        return fit.mark_model_choices(self.segmentModelChoices(), entries, self.scanFacts(volumeNode))
+        for entry in registry["models"] + self.installedAdapters():
+            # as segmentModelChoices: the registry's newest entry under its id first, each version under id@version
+            entries.setdefault(entry["id"], environment.registry_entry(registry, entry["id"]) or entry)
+            entries.setdefault(f"{entry['id']}@{entry.get('version')}", entry)
+        return fit.mark_model_choices(self.segmentModelChoices(allVersions), entries, self.scanFacts(volumeNode))
 
     def estimateSeconds(self, volumeNode, modelId: str) -> Optional[float]:
         entry = self.registryEntry(modelId)
@@ -173,24 +222,33 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             return None
         return environment.estimate_cpu_seconds(imageData.GetDimensions(), volumeNode.GetSpacing(), entry.get("input", {}))
 
-    def licenceQuestion(self, modelId: str) -> Optional[str]:
-        """The question to ask before a model whose licence restricts use runs for the first time; None
-        when it does not restrict use or was acknowledged (Med3DFMLib/registry/licences.py, torch-free)."""
+    def licenceCards(self, modelId: str, encoder: bool = False) -> List[Dict[str, Any]]:
+        """The cards whose licences a job with `modelId` is bound by: the model's and, for an adapter, its
+        encoder's; `encoder`: the encoder Learn trains on (the job's own check, licences.cards_for)."""
         from Med3DFMLib.registry import licences
 
-        entry = self.registryEntry(modelId)
-        if not entry or licences.is_acknowledged(entry):
+        return licences.cards_for(modelId, encoder=encoder)
+
+    def licenceQuestion(self, modelId: str, encoder: bool = False) -> Optional[str]:
+        """The question to ask before a model (or the encoder it runs on) whose licence restricts use runs
+        for the first time; None when none restricts use or all were acknowledged (torch-free)."""
+        from Med3DFMLib.registry import licences
+
+        pending = [card for card in self.licenceCards(modelId, encoder) if not licences.is_acknowledged(card)]
+        if not pending:
             return None
-        return _("{model} is licensed {licence}: {restriction}. Use it only as its licence allows. Acknowledge and continue?").format(
-            model=entry.get("title") or entry.get("id"), licence=entry.get("licence", "?"), restriction=licences.restriction(entry))
+        return " ".join(_("{model} is licensed {licence}: {restriction}.").format(
+            model=card.get("title") or card.get("id"), licence=card.get("licence", "?"), restriction=licences.restriction(card))
+            for card in pending) + " " + _("Use it only as its licence allows. Acknowledge and continue?")
 
-    def acknowledgeLicence(self, modelId: str, accepted: bool = True) -> bool:
-        """When `accepted`, remember it for this model (the same file the command line reads); returns `accepted`."""
+    def acknowledgeLicence(self, modelId: str, accepted: bool = True, encoder: bool = False) -> bool:
+        """When `accepted`, remember it for each card (the same file the command line reads); returns `accepted`."""
         from Med3DFMLib.registry import licences
 
-        entry = self.registryEntry(modelId)
-        if entry and accepted:
-            licences.acknowledge(entry, by="Slicer panel")
+        if accepted:
+            for card in self.licenceCards(modelId, encoder):
+                if licences.restriction(card) is not None:
+                    licences.acknowledge(card, by="Slicer panel")
         return accepted
 
     def memoryCheck(self, volumeNode, modelId: str, onCpu: bool) -> Optional[Tuple[int, Optional[int], bool]]:
@@ -253,12 +311,13 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
     # --- segment -------------------------------------------------------------------------------
 
     def startSegment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None,
-                     confidence: bool = False, flagBelow: float = CONFIDENCE_FLAG_BELOW) -> "jobs.Job":
+                     confidence: bool = False, flagBelow: float = CONFIDENCE_FLAG_BELOW, rawLabelNames: bool = False) -> "jobs.Job":
         """Start a segment job in the background; poll it with job.poll(), then call finishSegment(job).
 
         A volume outside the model's declared domain is refused here (Med3DFMJobError naming the mismatch
         and the models that fit) before anything is written; the job checks again (without the DICOM tag).
-        `confidence`: also a confidence overlay showing the voxels below `flagBelow`.
+        `confidence`: also a confidence overlay showing the voxels below `flagBelow`. `rawLabelNames`: segments
+        named as the model card's labels, not by their terminology (`segment --raw-label-names`).
         """
         message = fit.mismatch_message(modelId, self.modelFits(volumeNode))
         if message:
@@ -267,8 +326,10 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         def build(folder: Path, inputPath: Path):
             output = folder / "result.seg.nrrd"
             extra = {"labelmap": folder / "result-labels.nii.gz", "confidence": folder / "result-confidence.nii.gz", "flag_below": flagBelow} if confidence else {}
-            command = jobs.segment_command(self.pythonExecutable(), inputPath, output, modelId, device, table=folder / "result.tsv", registry=None, **extra)
-            return command, {"modelId": modelId, "output": output, "outputSegmentationNode": outputSegmentationNode, "flagBelow": flagBelow}
+            command = jobs.segment_command(self.pythonExecutable(), inputPath, output, modelId, device, table=folder / "result.tsv", registry=None,
+                                           raw_label_names=rawLabelNames, **extra)
+            return command, {"modelId": modelId, "output": output, "outputSegmentationNode": outputSegmentationNode, "flagBelow": flagBelow,
+                             "rawLabelNames": rawLabelNames}
 
         return self._startJob("segment", volumeNode, build)
 
@@ -278,23 +339,24 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         result = self._checkFinished(job)
         segmentResult = results.SegmentResult.from_outputs(result.outputs, job.context["output"])
         return self.loadSegmentResult(segmentResult, job.context["volumeNode"], job.context.get("outputSegmentationNode"), show3D,
-                                      job.context.get("flagBelow", CONFIDENCE_FLAG_BELOW))
+                                      job.context.get("flagBelow", CONFIDENCE_FLAG_BELOW), job.context.get("rawLabelNames", False))
 
     def segment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None,
-                show3D: bool = False, timeout: Optional[float] = None, confidence: bool = False, flagBelow: float = CONFIDENCE_FLAG_BELOW):
+                show3D: bool = False, timeout: Optional[float] = None, confidence: bool = False, flagBelow: float = CONFIDENCE_FLAG_BELOW,
+                rawLabelNames: bool = False):
         """Segment synchronously (scripts, tests): returns (segmentation node, table node), with `.report`
         (and `.confidence_node`, `.flags` with `confidence`)."""
-        job = self.startSegment(volumeNode, modelId, device, outputSegmentationNode, confidence, flagBelow)
+        job = self.startSegment(volumeNode, modelId, device, outputSegmentationNode, confidence, flagBelow, rawLabelNames)
         return self._runToEnd(job, lambda finished: self.finishSegment(finished, show3D=show3D), timeout)
 
     def loadSegmentResult(self, segmentResult: "results.SegmentResult", volumeNode, outputSegmentationNode=None, show3D: bool = False,
-                          flagBelow: float = CONFIDENCE_FLAG_BELOW):
+                          flagBelow: float = CONFIDENCE_FLAG_BELOW, rawLabelNames: bool = False):
         loaded = slicer.util.loadSegmentation(str(segmentResult.segmentation))  # raises if it cannot
         nodes.forgetTemporaryFile(loaded)
         nodes.placeUnderInputTransform(volumeNode, loaded)  # before merging: Slicer resamples between the two frames
         modelText = f"{segmentResult.model_id}@{segmentResult.model_version}"
         entry = self.registryEntry(modelText)
-        nodes.applySegmentDisplay(loaded, results.segment_display_info(entry) if entry else [])
+        nodes.applySegmentDisplay(loaded, results.segment_display_info(entry, rawLabelNames) if entry else [])
         if outputSegmentationNode is not None and outputSegmentationNode is not loaded:
             # The user chose this node as the output: only the model's segments are replaced or added,
             # everything else in it (painted, imported, other models' results) stays as it is.
@@ -556,9 +618,9 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             raise Med3DFMJobError(self.lastJob["error"], completed.stderr)
         return completed
 
-    def listModels(self) -> List[Dict[str, Any]]:
-        """`models list --json`, run as a job (the registry code stays out of Slicer's process)."""
-        return json.loads(self._runModelsCommand("list", []).stdout)
+    def listModels(self, allVersions: bool = False) -> List[Dict[str, Any]]:
+        """`models list --json [--all-versions]`, run as a job (the registry code stays out of Slicer's process)."""
+        return json.loads(self._runModelsCommand("list", ["--all-versions"] if allVersions else []).stdout)
 
     def removeModel(self, spec: str) -> None:
         self._runModelsCommand("remove", [spec])

@@ -14,7 +14,9 @@ class Med3DFMParameterNode:
 
     inputVolume - the CT/MR volume to process.
     outputSegmentation - None: a new segmentation node per run; a node: the model's segments in it are replaced or added, others kept.
-    modelId - registry id of the segmentation model.
+    modelId - registry id of the segmentation model (id@version for an older version).
+    showAllVersions - the model list shows every version of each model, not only the newest.
+    rawLabelNames - segments named as the model card's labels instead of by their terminology.
     device - "auto", "cpu" or "cuda".
     show3D - build closed surfaces of the result.
     confidence - also a confidence overlay (the voxels below flagBelow) and the segments holding them.
@@ -34,6 +36,8 @@ class Med3DFMParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     modelId: Annotated[str, Default(choices.DEFAULT_MODEL)]
+    showAllVersions: Annotated[bool, Default(False)]
+    rawLabelNames: Annotated[bool, Default(False)]
     device: Annotated[str, Choice(list(choices.DEVICES)), Default("auto")]
     show3D: Annotated[bool, Default(True)]
     confidence: Annotated[bool, Default(False)]

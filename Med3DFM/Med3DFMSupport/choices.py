@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from Med3DFMSupport import jobs
 
 DEFAULT_MODEL = "hippocampus-mr-demo"  # the bundled demonstration model
+DEFAULT_ENCODER = "med3dfm-encoder-small"  # what `adapt` trains on when no --encoder is given (Learn from labels)
 # Confidence overlay: voxels below this are drawn and counted (Med3DFMLib.confidence.DEFAULT_THRESHOLD, checked by a test).
 CONFIDENCE_FLAG_BELOW = 0.6
 

@@ -134,6 +134,24 @@ def memory_check(size: Sequence[int], spacing: Sequence[float], model_input: Map
     return needed, available, needed <= available
 
 
+def gpu_memory_check(model_input: Mapping[str, Any], report: Mapping[str, Any]) -> Optional[Tuple[int, Optional[int], int, str, bool]]:
+    """(bytes one window needs on the GPU, bytes free or None, total bytes, GPU name, fits) for the first
+    CUDA GPU of a `med3dfm devices --json` report (free/total from torch.cuda.mem_get_info); None without one.
+
+    The job's own guard (Med3DFMLib.inference.plan_memory): one window's activations must fit in what is
+    free; the window batch then grows to what fits, so one window is the need. The scan's size does not
+    change it (windows stream through the GPU; the volume stays in main memory)."""
+    from Med3DFMLib.windows import window_bytes_needed  # torch-free
+
+    gpus = report.get("cuda_devices") or []
+    if not gpus:
+        return None
+    gpu = gpus[0]
+    needed = window_bytes_needed(model_input.get("window") or [96, 96, 96])
+    free = None if gpu.get("free_gib") is None else int(float(gpu["free_gib"]) * 1024 ** 3)
+    return needed, free, int(float(gpu["memory_gib"]) * 1024 ** 3), str(gpu.get("name", "GPU")), free is None or needed <= free
+
+
 def describe_bytes(count: int) -> str:
     return f"{count / 1024 ** 3:.1f} GiB" if count >= 1024 ** 3 / 10 else f"{count / 1024 ** 2:.0f} MiB"
 

@@ -50,7 +50,7 @@ STAGE_SPANS: Dict[str, Dict[str, Tuple[float, float]]] = {
         "write": (0.95, 1.0),
         "done": (1.0, 1.0),
     },
-    "models": {"download": (0.0, 1.0), "import": (0.0, 1.0), "done": (1.0, 1.0)},
+    "models": {"download": (0.0, 1.0), "import": (0.0, 1.0), "done": (1.0, 1.0)},  # also `models sample` (a download)
     # `adapt`: encoder features are computed once per image (then cached), training takes most of a
     # CPU run, segmenting the image with the new adapter is quick.
     "adapt": {
@@ -105,6 +105,7 @@ def segment_command(
     overwrite: bool = False,
     confidence: Optional[Path] = None,
     flag_below: Optional[float] = None,
+    raw_label_names: bool = False,
 ) -> List[str]:
     """`PythonSlicer -m Med3DFMLib.cli segment INPUT -o OUT.seg.nrrd ... --progress json`."""
     if device not in DEVICES:
@@ -120,6 +121,8 @@ def segment_command(
         command += ["--confidence", str(confidence)]
         if flag_below is not None:
             command += ["--flag-below", f"{flag_below:g}"]
+    if raw_label_names:
+        command.append("--raw-label-names")
     if registry:
         command += ["--registry", str(registry)]
     if not overwrite:
@@ -127,19 +130,20 @@ def segment_command(
     return command + ["--progress", "json"]
 
 
-def devices_command(python: str) -> List[str]:
-    """`PythonSlicer -m Med3DFMLib.cli devices`: torch build, CUDA GPUs and driver, Apple MPS, CPU, RAM."""
-    return [python, "-m", CLI_MODULE, "devices"]
+def devices_command(python: str, as_json: bool = False) -> List[str]:
+    """`PythonSlicer -m Med3DFMLib.cli devices [--json]`: torch build, CUDA GPUs (memory from
+    torch.cuda.mem_get_info) and driver, Apple MPS, CPU, RAM."""
+    return [python, "-m", CLI_MODULE, "devices"] + (["--json"] if as_json else [])
 
 
 def models_command(python: str, action: str, arguments: Sequence[str] = (), registry: Optional[str] = None) -> List[str]:
-    """`PythonSlicer -m Med3DFMLib.cli models ACTION ...`: list --json, download, import, remove, verify."""
-    if action not in ("list", "download", "import", "remove", "verify"):
+    """`PythonSlicer -m Med3DFMLib.cli models ACTION ...`: list --json, download, import, remove, verify, sample."""
+    if action not in ("list", "download", "import", "remove", "verify", "sample"):
         raise ValueError(f"unknown models action {action!r}")
     command = [python, "-m", CLI_MODULE, "models", action, *[str(a) for a in arguments]]
     if action in ("list", "verify"):
         command.append("--json")
-    if action in ("download", "import"):
+    if action in ("download", "import", "sample"):
         command += ["--progress", "json"]
     if registry:
         command += ["--registry", str(registry)]
@@ -584,6 +588,15 @@ def run_to_end(command: Sequence[str], env: Optional[Mapping[str, str]] = None, 
     completed = subprocess.run(list(command), env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout, **kwargs)
     error = None if completed.returncode == 0 else (completed.stderr.strip().splitlines() or ["failed"])[-1]
     return completed, {"command": list(command), "returncode": completed.returncode, "stderr": completed.stderr, "error": error}
+
+
+def device_report(lines: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """The report of a finished `devices --json` job from its stdout lines; None when they are not one."""
+    try:
+        report = json.loads("\n".join(lines))
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and "cuda_devices" in report else None
 
 
 def imported_model_path(stdout: str) -> Optional[Path]:

@@ -45,14 +45,17 @@ class SegmentDisplay:
     terminology: str
 
 
-def segment_display_info(entry: Mapping[str, Any]) -> List[SegmentDisplay]:
-    """Segment names, colours and terminology strings of a registry entry's labels, by label value."""
-    from Med3DFMLib.io.terminology import terminology_string
+def segment_display_info(entry: Mapping[str, Any], raw_label_names: bool = False) -> List[SegmentDisplay]:
+    """Segment names, colours and terminology strings of a registry entry's labels, by label value; the
+    names as the segment job gives them (terminology names unless `raw_label_names`, Med3DFMLib/segment.py)."""
+    from Med3DFMLib.io.terminology import segment_names, terminology_string
 
+    labels = sorted(entry.get("labels", []), key=lambda item: int(item["value"]))
+    names = segment_names(labels, raw=raw_label_names or entry.get("task") != "segment")
     infos = []
-    for label in sorted(entry.get("labels", []), key=lambda item: int(item["value"])):
+    for label, name in zip(labels, names):
         color = tuple(float(c) for c in (label.get("color") or (0.5, 0.5, 0.5)))[:3]
-        infos.append(SegmentDisplay(int(label["value"]), str(label["name"]), color, terminology_string(label.get("terminology"))))  # type: ignore[arg-type]
+        infos.append(SegmentDisplay(int(label["value"]), name, color, terminology_string(label.get("terminology"))))  # type: ignore[arg-type]
     return infos
 
 
@@ -164,6 +167,7 @@ class ModelRow:
     installed: bool
     where: str
     path: Optional[str]
+    sample: str = ""  # the one-line description of its sample scan ("" when the entry names none)
 
 
 def model_rows(listing: Sequence[Mapping[str, Any]], task: Optional[str] = None) -> List[ModelRow]:
@@ -177,7 +181,8 @@ def model_rows(listing: Sequence[Mapping[str, Any]], task: Optional[str] = None)
         where = str(item.get("installed", "not installed"))
         rows.append(ModelRow(str(item["id"]), str(item.get("version", "")), str(item.get("task", "")), str(item.get("title", "")),
                              str(item.get("licence", "?")), human_size(float(item.get("size", 0))),
-                             where in ("bundled", "cache", "bundled+cache"), where, item.get("path")))
+                             where in ("bundled", "cache", "bundled+cache"), where, item.get("path"),
+                             str((item.get("sample") or {}).get("description", ""))))
     return rows
 
 
@@ -488,15 +493,27 @@ def is_classifier(entry: Mapping[str, Any]) -> bool:
     return entry.get("task") == "adapter" and entry.get("kind") == "classify"
 
 
-def segment_model_choices(registry_models: Sequence[Mapping[str, Any]], adapters: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
-    """(label, model id) for the Segment model list: the registry's segmentation models, then learned
-    segmentation adapters (classification adapters have their own list)."""
-    choices = []
-    seen = set()
+def segment_model_choices(registry_models: Sequence[Mapping[str, Any]], adapters: Sequence[Mapping[str, Any]],
+                          all_versions: bool = False) -> List[Tuple[str, str]]:
+    """(label, model spec) for the Segment model list: the registry's segmentation models, then learned
+    segmentation adapters (classification adapters have their own list).
+
+    The newest version of each id is listed by its id (what `--model ID` runs); `all_versions` adds each
+    older one after it as `id@version`, so the newest stays chosen when the list changes."""
+    versions: Dict[str, List[Mapping[str, Any]]] = {}  # id -> its entries, ids in registry order
     for entry in registry_models:
-        if entry.get("task") == "segment" and entry["id"] not in seen:
-            seen.add(entry["id"])
-            choices.append((f"{entry.get('title') or entry['id']} ({entry['id']})", str(entry["id"])))
+        if entry.get("task") == "segment":
+            versions.setdefault(str(entry["id"]), []).append(entry)
+    choices = []
+    for model_id, entries in versions.items():
+        entries = sorted(entries, key=lambda e: _version_key(str(e.get("version", ""))), reverse=True)
+        title = entries[0].get("title") or model_id
+        newest = f", newest: {entries[0].get('version')}" if all_versions else ""
+        choices.append((f"{title} ({model_id}{newest})", model_id))
+        for older in entries[1:] if all_versions else []:
+            spec = f"{model_id}@{older.get('version')}"
+            choices.append((f"{older.get('title') or model_id} ({spec}, older version)", spec))
+    seen = set(versions)
     for entry in adapters:
         if entry["id"] not in seen and not is_classifier(entry):
             seen.add(entry["id"])

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import List
 
-from Med3DFMLib.commands.options import add_common_options, add_device_option
+from Med3DFMLib.commands.options import add_common_options, add_device_option, add_licence_option
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
 
@@ -39,11 +39,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     adapt.add_argument("--no-propagate", action="store_true", help="--segment: the adapter's answer alone, without the painted outlines and the image's edges")
     add_device_option(adapt)
     adapt.add_argument("--seed", type=int, default=0)
+    add_licence_option(adapt)
     add_common_options(adapt)
     return adapt
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
+    from Med3DFMLib.registry.licences import require_for
+
+    require_for(args.encoder, args.accept_licence, args.registry, encoder=True)  # what is made on it inherits its licence
     if args.task == "classify":
         return _run_classifier(args, progress)
     from Med3DFMLib.fewshot.adapt import run_adapt

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from Med3DFMLib.batch import add_output_dir_option, check_batch_arguments
-from Med3DFMLib.commands.options import add_common_options, add_device_option
+from Med3DFMLib.commands.options import add_common_options, add_device_option, add_licence_option
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
 
@@ -30,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     classify.add_argument("--heatmap-method", choices=["attention", "gradcam", "occlusion"], default="attention", help="attention (instant), gradcam, occlusion (slow reference)")
     classify.add_argument("--target", help="class the heatmap explains (default: the predicted class)")
     add_device_option(classify)
+    add_licence_option(classify)
     add_common_options(classify)
     return classify
 
@@ -38,10 +39,12 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     """Classify; exit code 1 when any list row failed (the table marks it ERROR)."""
     from Med3DFMLib.classify.data import ListRow, read_list
     from Med3DFMLib.classify.job import run_classify
+    from Med3DFMLib.registry.licences import require_for
 
     if check_batch_arguments(args, ["--output", "--roi", "--heatmap", "--target"], list_alone=True):
         from Med3DFMLib.batch import ClassifyTask, run_batch_command
 
+        require_for(args.model, args.accept_licence, args.registry)  # before any scan is read
         return run_batch_command(ClassifyTask(args.model, args.device, args.registry), args, progress)
     if (args.input is None) == (args.list is None):
         raise Med3DFMError("give either one scan or --list FILE.csv")
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         rows = read_list(args.list, need_class=False)
     else:
         rows = [ListRow(str(args.input), args.input, roi=args.roi)]
+    require_for(args.model, args.accept_licence, args.registry)
     record, failed = run_classify(rows, args.model, args.output, args.heatmap, args.heatmap_method, args.target, args.device, args.registry, progress)
     if progress.mode != "json":
         if len(rows) == 1 and not failed:

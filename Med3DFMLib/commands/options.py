@@ -18,3 +18,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", help="model registry file to use instead of the bundled one (also MED3DFM_REGISTRY)")
     # SUPPRESS: a --debug given before the subcommand (on the main parser) is not reset to False here.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+
+
+def add_licence_option(parser: argparse.ArgumentParser) -> None:
+    """`--accept-licence`: the one acknowledgement a model (or encoder) whose licence restricts use needs
+    before its first run (Med3DFMLib/registry/licences.py), the same for every job."""
+    parser.add_argument("--accept-licence", action="store_true", help="acknowledge the licence of the model (and of the encoder it runs on) "
+                        "when it restricts use (non-commercial, research only); remembered for that model")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from Med3DFMLib.batch import add_output_dir_option, check_batch_arguments
 from Med3DFMLib.confidence import DEFAULT_MEASURE, DEFAULT_THRESHOLD, MEASURES
-from Med3DFMLib.commands.options import add_common_options, add_device_option
+from Med3DFMLib.commands.options import add_common_options, add_device_option, add_licence_option
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
 
@@ -26,18 +26,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_device_option(segment)
     segment.add_argument("--labelmap", type=Path, help="also write a plain label map (e.g. OUT.nii.gz)")
     segment.add_argument("--table", type=Path, help="also write a .tsv table of segment volumes")
-    segment.add_argument("--color-table", type=Path, help="also write the model's label table as a Slicer colour table (OUT.csv: names, colours, "
-                         "SNOMED CT terminology) for the plain label map")
-    segment.add_argument("--confidence", type=Path, help="also write a per-voxel confidence volume on the input grid (e.g. OUT_confidence.nii.gz): "
-                         "high where the model is sure, low at boundaries and on unfamiliar scans")
+    segment.add_argument("--color-table", type=Path, nargs="?", const=True, help="also write the model's label table as a Slicer colour table "
+                         "(OUT.csv: names, colours, SNOMED CT terminology) for the plain label map; with --list give no file: NAME.csv beside each NAME.seg.nrrd")
+    segment.add_argument("--confidence", type=Path, nargs="?", const=True, help="also write a per-voxel confidence volume on the input grid "
+                         "(e.g. OUT_confidence.nii.gz): high where the model is sure, low at boundaries and on unfamiliar scans; with --list give no "
+                         "file: NAME_confidence.nii.gz beside each NAME.seg.nrrd")
     segment.add_argument("--confidence-measure", choices=MEASURES, default=DEFAULT_MEASURE,
                          help="max-probability: the winning class's probability; entropy: 1 - entropy / log(classes) (default %(default)s)")
     segment.add_argument("--flag-below", type=float, default=DEFAULT_THRESHOLD,
                          help="with --confidence: list the segments holding most voxels below this confidence (default %(default)s)")
+    segment.add_argument("--raw-label-names", action="store_true", help="name the segments exactly as the model card's labels (e.g. "
+                         "'anterior hippocampus') instead of by their terminology (its type and modifier, e.g. 'Hippocampus')")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, 0..0.9 (default 0.25)")
     segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
-    segment.add_argument("--accept-licence", action="store_true", help="acknowledge the model's licence when it restricts use (non-commercial, "
-                         "research only); remembered for that model")
+    add_licence_option(segment)
     segment.add_argument("--force", action="store_true", help="run --model even on a scan outside its declared domain (modality, field of view, "
                          "intensities); the job record says so")
     add_common_options(segment)
@@ -49,12 +51,19 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
     if not 0.0 <= args.overlap < 1.0:
         raise Med3DFMError("--overlap must be at least 0 and below 1")
-    if check_batch_arguments(args, ["--output", "--labelmap", "--table", "--confidence", "--color-table"]):
+    if check_batch_arguments(args, ["--output", "--labelmap", "--table"]):
         from Med3DFMLib.batch import SegmentTask, run_batch_command
 
+        for option, value in (("--confidence", args.confidence), ("--color-table", args.color_table)):
+            if isinstance(value, Path):
+                raise Med3DFMError(f"with --list, give {option} without a file: each scan's goes beside its output (see --help)")
         task = SegmentTask(args.model, args.device, args.overlap, args.registry, args.force, args.labelmaps, overwrite=not args.no_overwrite,
-                           accept_licence=args.accept_licence)
+                           accept_licence=args.accept_licence, confidence=args.confidence is True, confidence_measure=args.confidence_measure,
+                           flag_below=args.flag_below, color_table=args.color_table is True, raw_label_names=args.raw_label_names)
         return run_batch_command(task, args, progress)
+    for option, value in (("--confidence", args.confidence), ("--color-table", args.color_table)):
+        if value is True:
+            raise Med3DFMError(f"{option} needs a file for one scan (without a file it goes with --list --output-dir)")
     if args.labelmaps:
         raise Med3DFMError("--labelmaps goes with --list; for one scan use --labelmap FILE")
     if args.input is None or args.output is None:
@@ -76,6 +85,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         flag_below=args.flag_below,
         color_table=args.color_table,
         accept_licence=args.accept_licence,
+        raw_label_names=args.raw_label_names,
     )
     if progress.mode != "json":
         segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])

@@ -101,3 +101,37 @@ def terminology_codes(text: str) -> Optional[Tuple[Tuple[str, str], ...]]:
         parts = (fields[index].split("^") + ["", ""])[:2]
         codes.append((parts[0].strip(), parts[1].strip()))
     return tuple(codes)
+
+
+def standard_name(terminology: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """The segment name a terminology gives: its type's code meaning, then its type modifier's
+    ("Kidney" + "Left" → "Kidney Left"), as SlicerTotalSegmentator names segments when its terminology
+    file has no Slicer label. None without a type."""
+    if not terminology or not terminology.get("type"):
+        return None
+    kind = list(terminology["type"]) + ["", "", ""]
+    name = str(kind[2] or kind[1]).strip()
+    modifier = list(terminology.get("typeModifier") or ()) + ["", "", ""]
+    if str(modifier[2]).strip():
+        name = f"{name} {str(modifier[2]).strip()}"
+    return name or None
+
+
+def segment_names(labels: Sequence[Mapping[str, Any]], raw: bool = False) -> List[str]:
+    """The names a model's segments get, in the order of `labels` (card entries with name and terminology).
+
+    By default the terminology's standard name (standard_name), as SlicerTotalSegmentator's "Use
+    standard segment names"; `raw` keeps the card's names. A label keeps its card name also when it has
+    no terminology type, or when another label of the model would get the same standard name (two
+    labels coded as one structure, e.g. anterior and posterior hippocampus: the codes cannot tell them
+    apart, so a shared name would lose what the card says).
+    """
+    card = [str(label["name"]) for label in labels]
+    if raw:
+        return card
+    standard = [standard_name(label.get("terminology")) for label in labels]
+    counts: Dict[str, int] = {}
+    for name in standard:
+        if name is not None:
+            counts[name.casefold()] = counts.get(name.casefold(), 0) + 1
+    return [name if name is not None and counts[name.casefold()] == 1 else raw_name for name, raw_name in zip(standard, card)]

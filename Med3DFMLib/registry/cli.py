@@ -1,7 +1,7 @@
 """`med3dfm models ...` and `setup_models.py ...`: one argparse definition used by both.
 
-Subcommands: list [--json] | download ID... | verify [ID...] | import PATH... | remove ID...,
-each with --registry PATH and --progress json|tqdm|none. Errors the user can fix print one line
+Subcommands: list [--json] [--all-versions] | download ID... | verify [ID...] | import PATH... |
+remove ID... | sample ID [--output PATH] | color-table ID [--output OUT.csv] [--raw-label-names], each with --registry PATH and --progress json|tqdm|none. Errors the user can fix print one line
 on stderr and exit 1; usage errors exit 2 (argparse).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from Med3DFMLib.errors import Med3DFMError
@@ -40,6 +41,7 @@ def add_models_subcommands(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     p = sub.add_parser("list", parents=[common], help="list known models and where they are installed")
     p.add_argument("--json", action="store_true", help="print a JSON array (for scripts and the Slicer module)")
+    p.add_argument("--all-versions", action="store_true", help="every known version of each model (default: the newest of each id)")
     p = sub.add_parser("download", parents=[common], help="download models into the user cache")
     p.add_argument("ids", nargs="+", metavar="ID", help="model id, or id@version")
     p = sub.add_parser("verify", parents=[common], help="recompute checksums of installed models")
@@ -49,6 +51,13 @@ def add_models_subcommands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help=".safetensors model file or .zip model bundle")
     p = sub.add_parser("remove", parents=[common], help="delete models from the user cache")
     p.add_argument("ids", nargs="+", metavar="ID", help="model id (all versions) or id@version")
+    p = sub.add_parser("sample", parents=[common], help="download the model's sample scan (checked, cached) and print its path")
+    p.add_argument("id", metavar="ID", help="model id, or id@version")
+    p.add_argument("--output", type=Path, help="also copy it here (a file or a folder)")
+    p = sub.add_parser("color-table", parents=[common], help="the model's label table as a Slicer colour table (.csv with terminology)")
+    p.add_argument("id", metavar="ID", help="model id, or id@version")
+    p.add_argument("--output", type=Path, help="write it here (.csv) instead of printing it")
+    p.add_argument("--raw-label-names", action="store_true", help="the card's label names, as `segment --raw-label-names` names segments")
     parser.set_defaults(func=run_models_command)
 
 
@@ -79,9 +88,10 @@ def _print_table(rows: List[List[str]]) -> None:
 
 def _cmd_list(args: argparse.Namespace, registry: Optional[str]) -> int:
     from Med3DFMLib.registry.cache import models_home
-    from Med3DFMLib.registry.manage import list_models
+    from Med3DFMLib.registry.manage import list_models, newest_versions
 
-    rows = list_models(registry)
+    listed = list_models(registry)
+    rows = listed if args.all_versions else newest_versions(listed)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -92,6 +102,9 @@ def _cmd_list(args: argparse.Namespace, registry: Optional[str]) -> int:
     for row in rows:
         table.append([row["id"], row["version"], row["task"], row["installed"], human_size(row["size"]), row["licence"]])
     _print_table(table)
+    older = len(listed) - len(rows)
+    if older:
+        print(f"\n{older} older version(s) not shown: --all-versions lists them (run one with --model ID@VERSION)")
     print(f"\ncache: {models_home()}")
     return 0
 
@@ -158,6 +171,50 @@ def _cmd_remove(args: argparse.Namespace, registry: Optional[str]) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace, registry: Optional[str], progress: Progress) -> int:
+    from Med3DFMLib.registry.samples import fetch_sample
+
+    path = fetch_sample(args.id, registry, args.output, progress)
+    progress.close()
+    if progress.mode == "json":
+        print(json.dumps({"result": "sample", "id": args.id, "path": str(path)}), flush=True)
+    else:
+        print(path)
+    return 0
+
+
+def _cmd_color_table(args: argparse.Namespace, registry: Optional[str]) -> int:
+    from Med3DFMLib.io.atomic import write_text_atomic
+    from Med3DFMLib.registry.catalogue import read_catalogue
+    from Med3DFMLib.registry.resolve import find_models
+
+    _, _, matches = find_models(args.id, read_catalogue(registry))
+    text = model_color_table(matches[0].entry, args.raw_label_names)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        if not str(args.output).lower().endswith(".csv"):
+            raise Med3DFMError(f"the colour table must end in .csv (what Slicer reads as a colour table): {args.output}")
+        write_text_atomic(args.output, text)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def model_color_table(entry: Any, raw_label_names: bool = False) -> str:
+    """A model's labels as the Slicer colour table that `segment --color-table` writes for it (the same
+    names as its segments: terminology names unless `raw_label_names`). Resources/models/<id>.csv is this."""
+    from Med3DFMLib.io.color_table import color_table_text
+    from Med3DFMLib.io.segmentations import SegmentInfo
+    from Med3DFMLib.io.terminology import segment_names
+
+    labels = entry.get("labels") or []
+    if not labels:
+        raise Med3DFMError(f"model {entry.get('id')} has no label table (only segmentation models have one)")
+    raw = raw_label_names or entry.get("task") != "segment"  # as named_segments in Med3DFMLib/segment.py
+    names = segment_names(labels, raw=raw)
+    return color_table_text([SegmentInfo.from_card({**label, "name": name}) for label, name in zip(labels, names)])
+
+
 def run_models_command(args: argparse.Namespace) -> int:
     """Run a parsed `models` command; Med3DFMError -> one line on stderr and exit code 1."""
     registry = getattr(args, "registry", None)
@@ -174,6 +231,10 @@ def run_models_command(args: argparse.Namespace) -> int:
             return _cmd_import(args, registry, progress)
         if command == "remove":
             return _cmd_remove(args, registry)
+        if command == "sample":
+            return _cmd_sample(args, registry, progress)
+        if command == "color-table":
+            return _cmd_color_table(args, registry)
         raise AssertionError(f"unhandled models command {command!r}")
     except Med3DFMError as err:
         progress.close()

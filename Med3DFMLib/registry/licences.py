@@ -5,6 +5,9 @@ limit what the model may be used for (non-commercial, research only). Such a mod
 the user has acknowledged its licence once: `--accept-licence` on the command line, a dialog in
 Slicer. The acknowledgement is kept per model id and licence text in MED3DFM_HOME/licences.json (a
 changed licence asks again). Torch-free: the Slicer panel checks it before starting a job.
+
+segment, classify, explain and adapt all check it (require_for): the model they run and, for an adapter
+(or for adapt, which trains one), the encoder it runs on, whose licence governs what is made with it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.io.atomic import write_text_atomic
@@ -90,3 +93,45 @@ def require(card: Mapping[str, Any], accept: bool = False, home: Optional[Path] 
                            "(med3dfm models list), then run again with --accept-licence to acknowledge them (remembered for this model)")
     acknowledge(card, home)
     return limit
+
+
+def _card_of(spec: str, registry: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The card of a model file or of the newest known id@version; None for an id no registry or cache knows
+    (the job itself then says so)."""
+    from Med3DFMLib.registry.catalogue import read_catalogue
+    from Med3DFMLib.registry.resolve import find_models, looks_like_path
+
+    if looks_like_path(spec):
+        from Med3DFMLib.weights import read_card
+
+        card = read_card(Path(spec).expanduser())
+        return {"id": card.get("id") or Path(spec).stem, **card}
+    try:
+        _, _, matches = find_models(spec, read_catalogue(registry))
+    except Med3DFMError:
+        return None
+    return dict(matches[0].entry)
+
+
+def cards_for(spec: str, registry: Optional[str] = None, encoder: bool = False) -> List[Dict[str, Any]]:
+    """The cards whose licences running `spec` is bound by: the model's, and for an adapter the encoder's
+    it names. `encoder`: `spec` is an encoder that adapt trains on (its card alone)."""
+    card = _card_of(str(spec).strip(), registry)
+    if card is None:
+        return []
+    cards = [card]
+    named = card.get("encoder") if not encoder else None
+    if isinstance(named, dict) and named.get("id"):
+        version = f"@{named['version']}" if named.get("version") else ""
+        found = _card_of(f"{named['id']}{version}", registry)
+        if found is not None:
+            cards.append(found)
+    return cards
+
+
+def require_for(spec: str, accept: bool = False, registry: Optional[str] = None, encoder: bool = False,
+                home: Optional[Path] = None) -> List[str]:
+    """require() for every card of cards_for(spec): classify, explain and adapt call it before any work.
+    Returns the restrictions that apply (for the job record)."""
+    limits = [require(card, accept, home) for card in cards_for(spec, registry, encoder)]
+    return [limit for limit in limits if limit is not None]

@@ -28,6 +28,7 @@ from Med3DFMLib.registry.catalogue import (
     read_catalogue,
     schema_errors,
     split_spec,
+    version_key,
 )
 from Med3DFMLib.registry.resolve import KnownModel, ResolvedModel, find_models, known_models
 
@@ -90,9 +91,19 @@ def list_models(registry: Optional[str] = None) -> List[Dict[str, Any]]:
             "path": weights["path"],
             "in_registry": known.origin == "registry",
             "files": files,
+            "sample": entry.get("sample"),
         })
     rows.sort(key=lambda r: (r["id"], r["version"]))
     return rows
+
+
+def newest_versions(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The newest version of each id among list_models' rows (what `models list` shows without --all-versions)."""
+    newest: Dict[str, Dict[str, Any]] = {}
+    for row in rows:
+        if row["id"] not in newest or version_key(row["version"]) > version_key(newest[row["id"]]["version"]):
+            newest[row["id"]] = row
+    return [row for row in rows if newest[row["id"]] is row]
 
 
 # --- verify -----------------------------------------------------------------------------------

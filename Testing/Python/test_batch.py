@@ -298,3 +298,30 @@ def test_mixed_arguments_are_refused(tmp_path, monkeypatch, capsys, argv, messag
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_writes_confidence_and_colour_tables_beside_each_output(tmp_path, capsys):
+    """`--confidence` and `--color-table` without a file in a batch: NAME_confidence.nii.gz and NAME.csv
+    beside each NAME.seg.nrrd, recorded and verified like the other outputs; a re-run skips them."""
+    listing = tmp_path / "scans.csv"
+    listing.write_text(f"input\n{HIPPOCAMPUS / 'hippocampus_014.nii.gz'}\n")
+    out = tmp_path / "out"
+    assert run_segment_batch(listing, out, "--confidence", "--color-table", "--flag-below", "0.7") == 0
+    confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "hippocampus_014_confidence.nii.gz")))
+    assert confidence.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(HIPPOCAMPUS / "hippocampus_014.nii.gz"))).shape
+    assert 0.0 <= confidence.min() and confidence.max() <= 1.0
+    assert (out / "hippocampus_014.csv").read_text() == (ROOT / "Resources" / "models" / "hippocampus-mr-demo.csv").read_text()
+    done = json.loads((out / "hippocampus_014.seg.nrrd.done.json").read_text())
+    assert set(done["outputs"]) == {"segmentation", "record", "confidence", "color_table"}
+    record = json.loads((out / "hippocampus_014.json").read_text())
+    assert record["confidence"]["flag_below"] == 0.7
+    capsys.readouterr()
+    assert run_segment_batch(listing, out, "--confidence", "--color-table", "--flag-below", "0.7") == 0
+    assert [r["status"] for r in summary(out)] == ["skipped"]
+    assert run_segment_batch(listing, out, "--confidence", "--color-table", "--flag-below", "0.5") == 0  # other settings: redone
+    assert [r["status"] for r in summary(out)] == ["done"]
+    # a file name is for one scan; one scan needs a file
+    assert run_segment_batch(listing, out, "--confidence", str(tmp_path / "c.nii.gz")) == 1
+    assert "give --confidence without a file" in capsys.readouterr().err
+    assert main(["segment", str(HIPPOCAMPUS / "hippocampus_014.nii.gz"), "-o", str(tmp_path / "x.seg.nrrd"), "--color-table", "--progress", "none"]) == 1
+    assert "--color-table needs a file for one scan" in capsys.readouterr().err

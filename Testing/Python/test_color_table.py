@@ -65,3 +65,39 @@ def test_a_colour_table_not_ending_in_csv_is_refused_before_any_work(tmp_path, h
     code = main(["segment", str(hippocampus_case[0]), "-o", str(tmp_path / "out.seg.nrrd"), "--color-table", str(tmp_path / "table.txt"), "--progress", "none"])
     assert code == 1 and "must end in .csv" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_each_segmentation_model_ships_the_colour_table_its_card_generates():
+    """Resources/models/<id>.csv, named by the entry's color_table, is what `med3dfm models color-table ID` writes."""
+    from Med3DFMLib.registry.cli import model_color_table
+
+    registry = json.loads((ROOT / "Resources" / "models.json").read_text())
+    segmenters = [m for m in registry["models"] if m["task"] == "segment"]
+    assert segmenters
+    for entry in segmenters:
+        shipped = ROOT / "Resources" / entry["color_table"]
+        assert shipped.read_text(encoding="utf-8") == model_color_table(entry), f"regenerate: med3dfm models color-table {entry['id']} --output {shipped}"
+
+
+def test_the_colour_table_command(tmp_path, capsys):
+    assert main(["models", "color-table", "hippocampus-mr-demo"]) == 0
+    assert capsys.readouterr().out == (ROOT / "Resources" / "models" / "hippocampus-mr-demo.csv").read_text()
+    assert main(["models", "color-table", "med3dfm-encoder-small"]) == 1
+    assert "has no label table" in capsys.readouterr().err
+    assert main(["models", "color-table", "hippocampus-mr-demo", "--output", str(tmp_path / "t.txt")]) == 1 and not (tmp_path / "t.txt").exists()
+
+
+def test_segments_are_named_by_their_terminology_unless_raw_names_are_asked_for():
+    """As SlicerTotalSegmentator's "Use standard segment names": the terminology's name by default, the
+    card's with raw names; a label whose standard name another label shares keeps its card name."""
+    from Med3DFMLib.io.terminology import segment_names, standard_name
+
+    kidney = {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "64033007", "Kidney"]}
+    left = {**kidney, "typeModifier": ["SCT", "7771000", "Left"]}
+    labels = [{"name": "kidney_left", "terminology": left}, {"name": "kidney_right", "terminology": {**kidney, "typeModifier": ["SCT", "24028007", "Right"]}},
+              {"name": "tumour", "terminology": None}]
+    assert standard_name(kidney) == "Kidney" and standard_name(left) == "Kidney Left" and standard_name(None) is None
+    assert segment_names(labels) == ["Kidney Left", "Kidney Right", "tumour"]
+    assert segment_names(labels, raw=True) == ["kidney_left", "kidney_right", "tumour"]
+    demo = _demo_labels()  # both coded as Hippocampus: the codes cannot tell them apart, the card names stay
+    assert segment_names(demo) == segment_names(demo, raw=True) == ["anterior hippocampus", "posterior hippocampus"]

@@ -76,3 +76,28 @@ def test_a_batch_with_a_restricted_model_needs_the_acknowledgement_too(tmp_path,
     assert "failed" in summary and "--accept-licence" in summary
     assert main(command + ["--output-dir", str(tmp_path / "b"), "--accept-licence"]) == 0
     assert "\tdone\t" in (tmp_path / "b" / "summary.tsv").read_text()
+
+
+def test_classify_explain_and_adapt_check_the_licence_too(tmp_path, hippocampus_case, restricted_model, capsys, monkeypatch):
+    """The same line, before any work, for a restricted model given to explain and classify, and for a
+    restricted encoder that adapt would train on (an adapter made on it inherits its terms)."""
+    image = str(hippocampus_case[0])
+    runs = {
+        "explain": ["explain", image, "--model", str(restricted_model), "--target", "anterior hippocampus", "-o", str(tmp_path / "h.nrrd")],
+        "classify": ["classify", image, "--model", str(restricted_model), "-o", str(tmp_path / "c.tsv")],
+        "adapt": ["adapt", "--image", image, "--labels", str(hippocampus_case[1]), "--name", "x", "-o", str(tmp_path / "x.safetensors"),
+                  "--encoder", str(restricted_model)],
+    }
+    for name, argv in runs.items():
+        assert main(argv + ["--progress", "none"]) == 1, name
+        error = capsys.readouterr().err
+        assert "CC-BY-NC-4.0 (non-commercial use only)" in error and "--accept-licence" in error, (name, error)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nc-model.safetensors"]  # nothing was written
+    # an adapter is bound by its encoder's licence: acknowledging the encoder once covers it
+    adapter = {"id": "an-adapter", "task": "adapter", "encoder": {"id": "nc-encoder", "sha256": "0" * 64}}
+    encoder = {"id": "nc-encoder", "licence": "CC-BY-NC-4.0"}
+    monkeypatch.setattr(licences, "_card_of", lambda spec, registry: {"an-adapter": adapter, "nc-encoder": encoder}.get(spec))
+    assert licences.cards_for("an-adapter") == [adapter, encoder]
+    with pytest.raises(Exception, match="nc-encoder is licensed CC-BY-NC-4.0"):
+        licences.require_for("an-adapter")
+    assert licences.require_for("an-adapter", accept=True) == ["non-commercial use only"] and licences.require_for("an-adapter") == ["non-commercial use only"]

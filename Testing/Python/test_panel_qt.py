@@ -452,3 +452,147 @@ def test_explain_maps_a_segment_and_its_cancel_stops_it(harness, slicer, hippoca
     assert slicer.util.arrayFromVolume(heatmaps[0]).shape == slicer.util.arrayFromVolume(volume).shape
     assert harness.widget._parameterNode.inputVolume is volume  # the heatmap (a new volume) did not take the input selector
     assert harness.messages == []
+
+
+# --- issue 21: versions, samples, licences before every job, raw names, GPU memory -----------------------
+
+def _registry_with_versions_and_a_sample(folder: Path, sample_url: str = "", sample_sha: str = "", sample_size: int = 0) -> Path:
+    """Resources/models.json plus an older version of the demo model (the same bundled weights) and,
+    when given, a sample scan for the demo model."""
+    import copy
+    import json
+
+    registry = json.loads((ROOT / "Resources" / "models.json").read_text(encoding="utf-8"))
+    demo = next(m for m in registry["models"] if m["id"] == DEMO)
+    older = copy.deepcopy(demo)
+    older["version"] = "0.0.9"
+    registry["models"].append(older)
+    if sample_url:
+        demo["sample"] = {"url": sample_url, "sha256": sample_sha, "size": sample_size, "description": "a held-out hippocampus crop"}
+    path = folder / "models.json"
+    path.write_text(json.dumps(registry), encoding="utf-8")
+    return path
+
+
+def _items(combo):
+    return [combo.itemData(i) for i in range(combo.count)]
+
+
+def test_show_all_versions_lists_older_ones_and_segment_runs_the_chosen(harness, slicer, hippocampus_case, tmp_path, monkeypatch):
+    ui = harness.ui
+    monkeypatch.setenv("MED3DFM_REGISTRY", str(_registry_with_versions_and_a_sample(tmp_path)))
+    _load(harness, slicer, hippocampus_case[0])
+    harness.expand(ui.modelsCollapsibleButton)
+    harness.click(ui.refreshModelsButton)
+    assert _items(ui.modelComboBox) == [DEMO] and _table_ids(ui).count(DEMO) == 1  # the newest of each id
+    harness.click(ui.showAllVersionsCheckBox)
+    parameters = harness.widget._parameterNode
+    assert parameters.showAllVersions is True
+    assert _items(ui.modelComboBox) == [DEMO, f"{DEMO}@0.0.9"] and ui.modelComboBox.currentData == DEMO  # the newest stays chosen
+    assert "older version" in ui.modelComboBox.itemText(1) and ui.modelComboBox.itemText(1).startswith("\u2713 ")
+    harness.click(ui.refreshModelsButton)
+    assert _table_ids(ui).count(DEMO) == 2  # the Models table follows the box
+    harness.choose(ui.modelComboBox, ui.modelComboBox.itemText(1))
+    assert parameters.modelId == f"{DEMO}@0.0.9"
+    harness.choose(ui.deviceComboBox, "CPU")
+    harness.click(ui.applyButton)
+    assert "--model" in harness.widget._job.command and f"{DEMO}@0.0.9" in harness.widget._job.command
+    _run_to_end(harness, "applyButton", "the segment job with the older version")
+    [result] = _segmentations(slicer)
+    assert result.GetAttribute("Med3DFM.model") == f"{DEMO}@0.0.9", harness.describe()
+    harness.click(ui.showAllVersionsCheckBox)  # off again: the older version is gone and Segment runs the one shown
+    assert _items(ui.modelComboBox) == [DEMO] and parameters.modelId == DEMO
+    assert harness.messages == []
+
+
+def test_download_sample_for_this_model_loads_it_and_a_bad_checksum_says_so(harness, slicer, hippocampus_case, tmp_path, monkeypatch):
+    import hashlib
+
+    from registry_server import FileServer
+
+    ui = harness.ui
+    data = hippocampus_case[0].read_bytes()
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with FileServer() as server:
+        url = server.add("/samples/hippocampus_014.nii.gz", data)
+        monkeypatch.setenv("MED3DFM_REGISTRY", str(_registry_with_versions_and_a_sample(tmp_path, url, hashlib.sha256(data).hexdigest(), len(data))))
+        harness.expand(ui.modelsCollapsibleButton)
+        harness.click(ui.refreshModelsButton)
+        assert not ui.downloadSampleButton.enabled  # nothing selected yet
+        ui.modelsTableWidget.selectRow(_table_ids(ui).index(DEMO))
+        harness.process_events()
+        assert ui.downloadSampleButton.enabled and "a held-out hippocampus crop" in ui.downloadSampleButton.toolTip
+        assert server.requests_for("/samples/hippocampus_014.nii.gz") == []  # nothing is fetched before the click
+        harness.click(ui.downloadSampleButton)
+        assert ui.modelsProgressBar.visible and ui.cancelModelsButton.enabled and not ui.downloadSampleButton.enabled
+        harness.wait_until(lambda: not ui.cancelModelsButton.enabled, 120, "the sample download")
+        volume = harness.widget._parameterNode.inputVolume
+        assert volume is not None and volume.GetName() == "hippocampus_014", harness.describe()
+        assert ui.modelsStatusLabel.text.startswith("Sample loaded as hippocampus_014") and ui.applyButton.enabled
+        assert harness.messages == []
+
+        monkeypatch.setenv("MED3DFM_REGISTRY", str(_registry_with_versions_and_a_sample(tmp_path, url.replace("014", "014b"), "d" * 64, len(data))))
+        server.add("/samples/hippocampus_014b.nii.gz", data)
+        harness.click(ui.refreshModelsButton)
+        ui.modelsTableWidget.selectRow(_table_ids(ui).index(DEMO))
+        harness.click(ui.downloadSampleButton)
+        harness.wait_until(lambda: not ui.cancelModelsButton.enabled, 120, "the failing sample download")
+    [message] = harness.messages
+    assert message.kind == "critical" and "checksum mismatch" in message.text
+    assert [n.GetName() for n in slicer.mrmlScene.nodes if type(n).__name__ == "vtkMRMLScalarVolumeNode"] == ["hippocampus_014"]
+
+
+def test_learn_classify_and_explain_ask_for_a_restricted_licence_first(harness, slicer, hippocampus_case, monkeypatch):
+    ui = harness.ui
+    volume = _load(harness, slicer, hippocampus_case[0])
+    logic = harness.widget.logic
+    asked = []
+    restricted = {"id": "nc-encoder", "title": "NC encoder", "licence": "CC-BY-NC-4.0"}
+    monkeypatch.setattr(logic, "licenceCards", lambda model_id, encoder=False: asked.append((model_id, encoder)) or [restricted])
+    harness.expand(ui.classifyCollapsibleButton)
+    harness.answer(QT_CANCEL)
+    harness.click(ui.explainButton)
+    assert harness.messages[-1].kind == "question" and "CC-BY-NC-4.0: non-commercial use only" in harness.messages[-1].text
+    assert ui.classifyStatusLabel.text == "The model's licence was not acknowledged: the job was not started."
+    assert harness.widget._classifyJob is None and ui.explainButton.enabled and asked[-1] == (DEMO, False)
+    painted, _ = _painted(slicer, volume, hippocampus_case[1], SEGMENTS)
+    harness.process_events()
+    harness.expand(ui.learnCollapsibleButton)
+    harness.choose(ui.learnSegmentationSelector, "painted")
+    harness.type_text(ui.learnNameLineEdit, "parts")
+    harness.answer(QT_CANCEL)
+    harness.click(ui.learnButton)
+    assert ui.learnStatusLabel.text == "The encoder's licence was not acknowledged: learning was not started."
+    assert harness.widget._learnJob is None and asked[-1] == ("med3dfm-encoder-small", True)
+    assert [m.kind for m in harness.messages] == ["question", "question"]
+
+
+def test_raw_label_names_reach_the_job_and_the_estimate_shows_the_gpu(harness, slicer, hippocampus_case):
+    ui = harness.ui
+    _load(harness, slicer, hippocampus_case[0])
+    harness.click(ui.rawLabelNamesCheckBox)
+    assert harness.widget._parameterNode.rawLabelNames is True
+    harness.choose(ui.deviceComboBox, "CPU")
+    harness.click(ui.applyButton)
+    assert "--raw-label-names" in harness.widget._job.command
+    harness.click(ui.cancelButton)
+    _run_to_end(harness, "applyButton", "the cancelled job", timeout=60)
+
+    # GPU (CUDA): torch in the job interpreter is asked once, in the background; this machine has no GPU
+    logic = harness.widget.logic
+    harness.choose(ui.deviceComboBox, "GPU (CUDA)")
+    assert ui.estimateLabel.text.startswith("Runs on the GPU (CUDA); checking its memory...") and logic.deviceProbeRunning()
+    harness.wait_until(lambda: not logic.deviceProbeRunning(), 120, "the device probe")
+    harness.process_events()
+    import torch
+
+    if not torch.cuda.is_available():
+        assert ui.estimateLabel.text.startswith("GPU (CUDA) chosen, but PyTorch sees no CUDA GPU here"), ui.estimateLabel.text
+    # what a GPU's report (torch.cuda.mem_get_info) makes of it: fits, or not
+    for free, expected in ((20.0, "Runs on the GPU (Test GPU): needs about"), (0.05, "Will not fit on the GPU (Test GPU): one window needs about")):
+        logic._deviceFacts = {"auto": "cuda", "cuda_devices": [{"index": 0, "name": "Test GPU", "memory_gib": 24.0, "free_gib": free}]}
+        harness.widget._updateGUI()
+        assert ui.estimateLabel.text.startswith(expected) and "free of 24.0 GiB" in ui.estimateLabel.text, ui.estimateLabel.text
+    assert harness.messages == []

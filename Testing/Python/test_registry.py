@@ -572,3 +572,62 @@ def test_cli_list_json_and_download(tmp_path: Path, server: FileServer, capsys: 
     assert models_main(["list", "--registry", model["registry"]]) == 0
     out = capsys.readouterr().out
     assert "net-model" in out and "cache" in out and "CC0-1.0" in out
+
+
+# --- samples and versions -----------------------------------------------------------------------
+
+def _with_sample(tmp_path: Path, server: FileServer, data: bytes, registry_sha: Optional[str] = None) -> str:
+    """A registry whose model names a sample scan served on 127.0.0.1."""
+    weights = make_weights(tmp_path / "w.safetensors", "sampled")
+    url = server.add("/samples/case_001.nii.gz", data)
+    sample = {"url": url, "sha256": registry_sha or sha(data), "size": len(data), "description": "one test scan"}
+    model = entry("sampled", "1.0.0", [file_entry("sampled.safetensors", weights, [server.url("/sampled.safetensors")])], sample=sample)
+    return write_registry(tmp_path / "models.json", [model])
+
+
+def test_a_sample_is_downloaded_only_when_asked_checked_and_cached(tmp_path: Path, server: FileServer, home: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    data = b"a sample scan" * 1000
+    registry = _with_sample(tmp_path, server, data)
+    assert models_main(["list", "--json", "--registry", registry]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["sample"]["description"] == "one test scan"
+    assert server.requests_for("/samples/case_001.nii.gz") == []  # listing fetches nothing
+    assert models_main(["sample", "sampled", "--registry", registry, "--progress", "none"]) == 0
+    cached = Path(capsys.readouterr().out.strip())
+    assert cached == home / "samples" / "sampled" / "1.0.0" / "case_001.nii.gz" and cached.read_bytes() == data
+    copy = tmp_path / "copy.nii.gz"
+    assert models_main(["sample", "sampled@1.0.0", "--output", str(copy), "--registry", registry, "--progress", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-1] == {"result": "sample", "id": "sampled@1.0.0", "path": str(copy)} and copy.read_bytes() == data
+    assert len(server.requests_for("/samples/case_001.nii.gz")) == 1  # the second came from the cache
+
+
+def test_a_sample_with_the_wrong_checksum_leaves_nothing(tmp_path: Path, server: FileServer, home: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    registry = _with_sample(tmp_path, server, b"x" * 5000, registry_sha="e" * 64)
+    assert models_main(["sample", "sampled", "--output", str(tmp_path / "c.nii.gz"), "--registry", registry, "--progress", "none"]) == 1
+    error = capsys.readouterr().err
+    assert "checksum mismatch" in error and "e" * 64 in error and error.count("\n") == 1
+    assert sorted(p.name for p in (home / "samples").iterdir()) == [".lock"] and not (tmp_path / "c.nii.gz").exists()
+    # a model without a sample says so
+    assert models_main(["sample", "hippocampus-mr-demo", "--progress", "none"]) == 1
+    assert "names no sample scan" in capsys.readouterr().err
+
+
+def test_old_versions_stay_listed_and_selectable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    old = make_weights(tmp_path / "old.safetensors", "versioned", "1.0.0", seed=1)
+    new = make_weights(tmp_path / "new.safetensors", "versioned", "1.10.0", seed=2)
+    registry = write_registry(tmp_path / "models.json", [
+        entry("versioned", "1.0.0", [file_entry("versioned.safetensors", old, [], bundled="old.safetensors")]),
+        entry("versioned", "1.10.0", [file_entry("versioned.safetensors", new, [], bundled="new.safetensors")]),
+    ])
+    assert models_main(["list", "--json", "--registry", registry]) == 0
+    assert [r["version"] for r in json.loads(capsys.readouterr().out)] == ["1.10.0"]  # newest by version, not by text
+    assert models_main(["list", "--registry", registry]) == 0
+    assert "1 older version(s) not shown: --all-versions" in capsys.readouterr().out
+    assert models_main(["list", "--json", "--all-versions", "--registry", registry]) == 0
+    assert sorted(r["version"] for r in json.loads(capsys.readouterr().out)) == ["1.0.0", "1.10.0"]
+    from Med3DFMLib.registry.catalogue import read_catalogue
+    from Med3DFMLib.registry.resolve import find_models
+
+    assert find_models("versioned@1.0.0", read_catalogue(registry))[2][0].entry["version"] == "1.0.0"  # what --model ID@VERSION runs

@@ -635,10 +635,11 @@ def _ui_names():
 
 def test_every_widget_the_code_uses_is_in_the_ui():
     widgets, _bound = _ui_names()
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
+    panel = [MODULE_FILE] + sorted((MODULE_DIR / "Med3DFMSlicer").glob("panel_*.py"))  # the widget and its mixin
+    used = set(re.findall(r"self\.ui\.(\w+)", "".join(path.read_text(encoding="utf-8") for path in panel)))
     assert used, "the module uses no widgets?"
     missing = sorted(used - set(widgets))
-    assert not missing, f"widgets used in Med3DFM.py but not in Med3DFM.ui: {missing}"
+    assert not missing, f"widgets used by the panel but not in Med3DFM.ui: {missing}"
     # the top-level widget passes the scene to every MRML combo box
     receivers = {c.findtext("receiver") for c in ET.parse(UI_FILE).iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     assert receivers == {name for name, cls in widgets.items() if cls == "qMRMLNodeComboBox"}
@@ -982,7 +983,7 @@ def test_a_restricted_licence_is_asked_about_once_in_the_panel(module, monkeypat
     logic = module.Med3DFMLogic()
     assert logic.licenceQuestion(DEMO) is None  # CC-BY-SA: nothing to acknowledge
     restricted = {"id": "nc-model", "title": "NC model", "licence": "CC-BY-NC-4.0"}
-    monkeypatch.setattr(logic, "registryEntry", lambda model_id: restricted)
+    monkeypatch.setattr(logic, "licenceCards", lambda model_id, encoder=False: [restricted])
     question = logic.licenceQuestion("nc-model")
     assert "CC-BY-NC-4.0" in question and "non-commercial use only" in question
     assert not logic.acknowledgeLicence("nc-model", False) and logic.licenceQuestion("nc-model")
@@ -1619,3 +1620,82 @@ def test_installer_force_reinstall_failures_and_a_declined_resume(module, instal
     world.installed["fakepkg-a"] = None
     with pytest.raises(RuntimeError, match="testing mode"):
         installer.ensureDependencies(requirements)
+
+
+# --- issue 21: GPU memory, versions, names, samples -------------------------------------------------
+
+def test_gpu_memory_before_segment_is_the_jobs_own_guard():
+    """The panel's GPU line says what the job would refuse: one window's activations against the free
+    memory torch.cuda.mem_get_info reports (`devices --json`), whatever the scan's size."""
+    import torch
+
+    from Med3DFMLib.errors import Med3DFMError
+    from Med3DFMLib.inference import plan_memory
+
+    spec = {"spacing": [1.0, 1.0, 1.0], "window": [64, 64, 64]}
+    report = {"cuda_devices": [{"index": 0, "name": "Test GPU", "memory_gib": 8.0, "free_gib": 0.1}]}
+    needed, free, total, name, fits = environment.gpu_memory_check(spec, report)
+    assert (total, name) == (8 * 1024 ** 3, "Test GPU") and needed > free and not fits
+    with pytest.raises(Med3DFMError, match="not enough GPU memory"):
+        plan_memory((40, 50, 39), 3, (64, 64, 64), torch.device("cuda"), host_available=1024 ** 3, device_available=free)
+    report["cuda_devices"][0]["free_gib"] = 6.0
+    assert environment.gpu_memory_check(spec, report)[-1]
+    assert plan_memory((40, 50, 39), 3, (64, 64, 64), torch.device("cuda"), host_available=1024 ** 3, device_available=6 * 1024 ** 3) >= 1
+    assert environment.gpu_memory_check(spec, {"cuda_devices": []}) is None
+    # the probe's output: `devices --json` lines, read back whole
+    text = json.dumps({"auto": "cpu", "cuda_devices": []}, indent=2)
+    assert jobs.device_report(text.splitlines()) == {"auto": "cpu", "cuda_devices": []}
+    assert jobs.device_report(["no json"]) is None and jobs.devices_command("py", as_json=True)[-2:] == ["devices", "--json"]
+
+
+def test_segment_names_follow_the_job_and_old_versions_join_the_list():
+    coded = {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "64033007", "Kidney"], "typeModifier": ["SCT", "7771000", "Left"]}
+    entry = {"id": "kidney", "task": "segment", "labels": [{"value": 1, "name": "kidney_left", "color": [1, 0, 0], "terminology": coded}]}
+    assert [d.name for d in results.segment_display_info(entry)] == ["Kidney Left"]  # as `segment` names it
+    assert [d.name for d in results.segment_display_info(entry, raw_label_names=True)] == ["kidney_left"]
+    assert [d.name for d in results.segment_display_info({**entry, "task": "adapter"})] == ["kidney_left"]  # a user's names stay
+    models = [{"id": "a", "version": "1.2.0", "task": "segment", "title": "A"}, {"id": "b", "version": "1.0.0", "task": "segment", "title": "B"},
+              {"id": "a", "version": "1.10.0", "task": "segment", "title": "A"}]
+    assert [spec for _, spec in results.segment_model_choices(models, [])] == ["a", "b"]
+    labelled = results.segment_model_choices(models, [], all_versions=True)
+    assert [spec for _, spec in labelled] == ["a", "a@1.2.0", "b"] and labelled[0][0] == "A (a, newest: 1.10.0)"
+    row = results.model_rows([{"id": "a", "version": "1", "task": "segment", "size": 1, "installed": "bundled", "sample": {"description": "a scan"}}])[0]
+    assert row.sample == "a scan" and results.model_rows([{"id": "b", "size": 1}])[0].sample == ""
+
+
+def test_the_new_panel_commands_are_accepted_by_the_cli(tmp_path):
+    from Med3DFMLib.cli import build_parser
+
+    parser = build_parser()
+    segment = jobs.segment_command("py", tmp_path / "i.nrrd", tmp_path / "o.seg.nrrd", f"{DEMO}@0.1.0", raw_label_names=True)
+    assert parser.parse_args(segment[3:]).raw_label_names is True
+    sample = jobs.models_command("py", "sample", [f"{DEMO}@0.1.0"])
+    assert parser.parse_args(sample[3:]).models_command == "sample" and sample[-2:] == ["--progress", "json"]
+    assert parser.parse_args(jobs.models_command("py", "list", ["--all-versions"])[3:]).all_versions is True
+
+
+def test_logic_asks_about_the_encoder_before_learning_and_lists_every_version(module, tmp_path, monkeypatch):
+    """Learn checks the encoder's licence (what adapt trains on); "Show all versions" lists id@version."""
+    import copy
+
+    from Med3DFMLib.registry import licences
+
+    registry = json.loads((ROOT / "Resources" / "models.json").read_text(encoding="utf-8"))
+    for model in registry["models"]:
+        if model["id"] == choices.DEFAULT_ENCODER:
+            model["licence"] = "CC-BY-NC-4.0"
+    older = copy.deepcopy(next(m for m in registry["models"] if m["id"] == DEMO))
+    older["version"] = "0.0.9"
+    registry["models"].append(older)
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(registry), encoding="utf-8")
+    monkeypatch.setenv("MED3DFM_REGISTRY", str(path))
+    logic = module.Med3DFMLogic()
+    assert logic.licenceQuestion(DEMO) is None
+    question = logic.licenceQuestion(choices.DEFAULT_ENCODER, encoder=True)
+    assert "CC-BY-NC-4.0: non-commercial use only" in question
+    assert logic.acknowledgeLicence(choices.DEFAULT_ENCODER, True, encoder=True) and logic.licenceQuestion(choices.DEFAULT_ENCODER, encoder=True) is None
+    assert json.loads((licences.models_home() / licences.FILE).read_text())[choices.DEFAULT_ENCODER]["by"] == "Slicer panel"
+    assert [m.model_id for m in logic.modelFits(None)] == [DEMO]
+    assert [m.model_id for m in logic.modelFits(None, allVersions=True)] == [DEMO, f"{DEMO}@0.0.9"]
+    assert logic.registryEntry(f"{DEMO}@0.0.9")["version"] == "0.0.9"
