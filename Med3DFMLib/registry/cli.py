@@ -185,11 +185,9 @@ def _cmd_sample(args: argparse.Namespace, registry: Optional[str], progress: Pro
 
 def _cmd_color_table(args: argparse.Namespace, registry: Optional[str]) -> int:
     from Med3DFMLib.io.atomic import write_text_atomic
-    from Med3DFMLib.registry.catalogue import read_catalogue
-    from Med3DFMLib.registry.resolve import find_models
+    from Med3DFMLib.registry.resolve import newest_entry
 
-    _, _, matches = find_models(args.id, read_catalogue(registry))
-    text = model_color_table(matches[0].entry, args.raw_label_names)
+    text = model_color_table(newest_entry(args.id, registry), args.raw_label_names)
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -98,8 +98,7 @@ def require(card: Mapping[str, Any], accept: bool = False, home: Optional[Path] 
 def _card_of(spec: str, registry: Optional[str]) -> Optional[Dict[str, Any]]:
     """The card of a model file or of the newest known id@version; None for an id no registry or cache knows
     (the job itself then says so)."""
-    from Med3DFMLib.registry.catalogue import read_catalogue
-    from Med3DFMLib.registry.resolve import find_models, looks_like_path
+    from Med3DFMLib.registry.resolve import looks_like_path, newest_entry
 
     if looks_like_path(spec):
         from Med3DFMLib.weights import read_card
@@ -107,10 +106,9 @@ def _card_of(spec: str, registry: Optional[str]) -> Optional[Dict[str, Any]]:
         card = read_card(Path(spec).expanduser())
         return {"id": card.get("id") or Path(spec).stem, **card}
     try:
-        _, _, matches = find_models(spec, read_catalogue(registry))
+        return dict(newest_entry(spec, registry))
     except Med3DFMError:
         return None
-    return dict(matches[0].entry)
 
 
 def cards_for(spec: str, registry: Optional[str] = None, encoder: bool = False) -> List[Dict[str, Any]]:

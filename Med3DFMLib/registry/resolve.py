@@ -87,6 +87,11 @@ def find_models(spec: str, catalogue: Catalogue) -> Tuple[str, Optional[str], Li
     return model_id, version, matches
 
 
+def newest_entry(spec: str, registry: Optional[str] = None) -> Dict[str, Any]:
+    """The registry or cache entry `id` (its newest version) or `id@version` names; unknown -> Med3DFMError."""
+    return find_models(spec, read_catalogue(registry))[2][0].entry
+
+
 def looks_like_path(spec: str) -> bool:
     """A spec is a file path if it has a folder part, a weight-file suffix, or names an existing file."""
     if os.sep in spec or "/" in spec or (os.altsep and os.altsep in spec):

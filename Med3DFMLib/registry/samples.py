@@ -16,16 +16,15 @@ from typing import Any, Dict, Optional, Tuple
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
 from Med3DFMLib.registry import cache
-from Med3DFMLib.registry.catalogue import entry_key, is_valid_id, read_catalogue
-from Med3DFMLib.registry.resolve import find_models
+from Med3DFMLib.registry.catalogue import entry_key, is_valid_id
+from Med3DFMLib.registry.resolve import newest_entry
 
 FOLDER = "samples"
 
 
 def sample_of(spec: str, registry: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(model entry, its sample) for `id` (newest version) or `id@version`; Med3DFMError if it names none."""
-    _, _, matches = find_models(spec, read_catalogue(registry))
-    entry = matches[0].entry
+    entry = newest_entry(spec, registry)
     sample = entry.get("sample")
     if not isinstance(sample, dict):
         raise Med3DFMError(f"model {entry_key(entry)} names no sample scan in its registry entry")
