@@ -111,14 +111,19 @@ def probabilities_on(probabilities: np.ndarray, grid: sitk.Image, reference: sit
     """Class probabilities (C+1, z, y, x) resampled linearly in physical space onto the reference grid.
 
     For the within-scan propagation, which needs the evidence itself on the input grid, not its arg-max.
+    Linear interpolation keeps the channels summing to one, so the background is one minus the
+    resampled classes (one resample fewer: ~0.07 s of a 6.5 M-voxel correction round).
     """
-    channels = []
-    for label, channel in enumerate(probabilities):
-        channel_image = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
+    size = reference.GetSize()
+    result = np.empty((probabilities.shape[0], size[2], size[1], size[0]), dtype=np.float32)
+    for label in range(1, probabilities.shape[0]):
+        channel_image = sitk.GetImageFromArray(np.ascontiguousarray(probabilities[label], dtype=np.float32))
         channel_image.CopyInformation(grid)
-        fill = 1.0 if label == 0 else 0.0
-        channels.append(sitk.GetArrayFromImage(sitk.Resample(channel_image, reference, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32)))
-    return np.stack(channels)
+        resampled = sitk.Resample(channel_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        result[label] = sitk.GetArrayViewFromImage(resampled)  # a view: `resampled` must outlive the copy
+    np.subtract(1.0, result[1:].sum(axis=0), out=result[0])
+    np.clip(result[0], 0.0, 1.0, out=result[0])
+    return result
 
 
 def probabilities_to_labels(probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:

@@ -130,9 +130,24 @@ def painted_class_frequencies(targets: np.ndarray, num_classes: int) -> np.ndarr
 
 def correct_prior(probabilities: np.ndarray, frequencies: np.ndarray, strength: float) -> np.ndarray:
     """Log-probabilities moved from the equal class priors of balanced training to `frequencies`."""
-    shift = strength * (np.log(frequencies) - np.log(1.0 / len(frequencies)))
-    logp = np.log(np.clip(probabilities, EPS, 1.0)) + shift.reshape(-1, *([1] * (probabilities.ndim - 1))).astype(np.float32)
+    shift = (strength * (np.log(frequencies) - np.log(1.0 / len(frequencies)))).astype(np.float32)
+    logp = np.clip(probabilities, EPS, 1.0).astype(np.float32, copy=False)
+    np.log(logp, out=logp)
+    logp += shift.reshape(-1, *([1] * (probabilities.ndim - 1)))
     return logp
+
+
+def channel_argmax(probabilities: np.ndarray) -> np.ndarray:
+    """`probabilities.argmax(0)` (first channel on ties) as uint8/uint16: numpy's arg-max along the
+    first axis of a (C, Z, Y, X) array strides through memory and took ~0.15 s per call on a
+    6.5 M-voxel MR, three times per round; this is one contiguous pass per channel."""
+    dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
+    best = probabilities[0].copy()
+    label = np.zeros(best.shape, dtype=dtype)
+    for cls in range(1, probabilities.shape[0]):
+        np.copyto(label, dtype(cls), where=probabilities[cls] > best)
+        np.maximum(best, probabilities[cls], out=best)
+    return label
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -146,7 +161,8 @@ def combine_evidence(adapter_probabilities: Optional[np.ndarray], shape_logits: 
     """Probabilities (C+1, ...) from log-linear pooling of the adapter and the painted outlines."""
     total: Optional[np.ndarray] = None
     if adapter_probabilities is not None:
-        total = params.adapter_weight * correct_prior(adapter_probabilities, frequencies, params.prior_correction)
+        total = correct_prior(adapter_probabilities, frequencies, params.prior_correction)
+        total *= np.float32(params.adapter_weight)
     if shape_logits is not None:
         part = params.shape_weight * shape_logits
         total = part if total is None else total + part
@@ -155,9 +171,9 @@ def combine_evidence(adapter_probabilities: Optional[np.ndarray], shape_logits: 
     return _softmax(total.astype(np.float32, copy=False))
 
 
-def _unknowns(seeds: np.ndarray, evidence: np.ndarray, params: PropagationParams) -> np.ndarray:
-    """Voxels to solve: unseeded, and unsure or within `band` voxels of a boundary of the evidence."""
-    label = evidence.argmax(0)
+def _unknowns(seeds: np.ndarray, evidence: np.ndarray, label: np.ndarray, params: PropagationParams) -> np.ndarray:
+    """Voxels to solve: unseeded, and unsure or within `band` voxels of a boundary of the evidence
+    (`label`: the evidence's arg-max)."""
     unsure = evidence.max(0) < params.fixed_confidence
     if params.band > 0:
         unsure |= _near_boundaries(label, params.band)
@@ -203,8 +219,10 @@ def random_walk_with_prior(
     discretised smoothness term has on an anisotropic grid.
     """
     num_labels = evidence.shape[0]
-    fixed_label = np.where(seeds != IGNORE, seeds, evidence.argmax(0)).astype(np.int64)
-    unknown = _unknowns(seeds, evidence, params)
+    label = channel_argmax(evidence)
+    fixed_label = np.where(seeds != IGNORE, seeds, label).astype(np.int64)
+    unknown = _unknowns(seeds, evidence, label, params)
+    del label
     count = int(unknown.sum())
     info: Dict[str, Any] = {"solved_voxels": count, "voxels": int(unknown.size)}
     result = np.zeros_like(evidence, dtype=np.float32)
@@ -320,6 +338,6 @@ def segment_this_scan(
     del shape
     probabilities, info = random_walk_with_prior(normalised_intensities(intensities), spacing_zyx, targets, evidence, params)
     del evidence
-    labels = probabilities.argmax(0).astype(np.uint8 if num_classes < 256 else np.uint16)
+    labels = channel_argmax(probabilities)
     info["params"] = params.to_dict()
     return labels, info
