@@ -12,7 +12,8 @@ import slicerio
 
 from Med3DFMLib.cli import main
 from Med3DFMLib.fewshot.labels import IGNORE
-from Med3DFMLib.fewshot.propagate import PropagationParams, random_walk_with_prior, segment_this_scan, slice_shape_prior
+from Med3DFMLib.fewshot.propagate import PropagationParams, channel_argmax, random_walk_with_prior, segment_this_scan, slice_shape_prior
+from Med3DFMLib.preprocess import probabilities_on
 from Med3DFMLib.weights import read_weights
 
 
@@ -162,3 +163,35 @@ def test_the_solved_band_is_found_on_a_box_exactly_as_on_the_whole_volume(data_d
     found = _near_boundaries(label, band)
     assert np.array_equal(found, whole) and 0 < found.sum() < found.size
     assert not _near_boundaries(np.zeros((5, 6, 7), dtype=np.int64), band).any()
+
+
+def test_channel_argmax_is_numpys_argmax_with_its_tie_rule():
+    rng = np.random.default_rng(0)
+    for channels in (2, 3, 5):
+        p = rng.random((channels, 7, 9, 11)).astype(np.float32)
+        p[:, 0] = 0.25  # a whole slab of ties: the first channel wins, as with numpy
+        p[1:, 1, 0, 0] = p[:, 1, 0, 0].max() + 1.0
+        labels = channel_argmax(p)
+        assert labels.dtype == np.uint8 and np.array_equal(labels, p.argmax(0))
+        assert (labels[0] == 0).all()
+    assert channel_argmax(np.zeros((300, 2, 2, 2), np.float32)).dtype == np.uint16
+
+
+def test_probabilities_on_the_image_grid_sum_to_one_and_match_each_channel(hippocampus):
+    """The background channel is one minus the resampled classes: it must equal resampling it."""
+    image_array, truth, spacing = hippocampus
+    reference = sitk.GetImageFromArray(image_array)
+    reference.SetSpacing(spacing[::-1])
+    grid = sitk.Image([int(n) // 2 for n in reference.GetSize()], sitk.sitkFloat32)
+    grid.SetSpacing([s * 2 for s in reference.GetSpacing()])
+    grid.SetOrigin([o + s / 2 for o, s in zip(reference.GetOrigin(), reference.GetSpacing())])
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, *grid.GetSize()[::-1])).astype(np.float32)
+    probabilities = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    on_image = probabilities_on(probabilities, grid, reference)
+    assert on_image.shape == (3, *image_array.shape)
+    np.testing.assert_allclose(on_image.sum(0), 1.0, atol=1e-5)
+    background = sitk.GetImageFromArray(probabilities[0])
+    background.CopyInformation(grid)
+    direct = sitk.GetArrayFromImage(sitk.Resample(background, reference, sitk.Transform(), sitk.sitkLinear, 1.0, sitk.sitkFloat32))
+    np.testing.assert_allclose(on_image[0], direct, atol=1e-5)
