@@ -31,11 +31,9 @@ def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_card(path: PathLike) -> Dict[str, Any]:
-    """The model card of a safetensors weight file, without loading its tensors.
-
-    Refuses pickle-based formats and files without a card with a clear message.
-    """
+def safetensors_metadata(path: PathLike) -> Dict[str, str]:
+    """The string metadata of a safetensors file, without loading its tensors. Refuses a missing
+    file, pickle-based formats and anything that is not safetensors with a clear message."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -48,10 +46,29 @@ def read_card(path: PathLike) -> Dict[str, Any]:
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+            return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise Med3DFMError(f"not a valid safetensors weight file: {path} ({err})") from None
-    card_text = metadata.get(CARD_KEY)
+
+
+def load_tensors(path: PathLike) -> Dict[str, "torch.Tensor"]:
+    """Every tensor of a safetensors file; a damaged file (e.g. truncated) is a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise Med3DFMError(f"not a valid safetensors weight file: {path} ({err})") from None
+
+
+def read_card(path: PathLike) -> Dict[str, Any]:
+    """The model card of a safetensors weight file, without loading its tensors.
+
+    Refuses pickle-based formats and files without a card with a clear message.
+    """
+    path = Path(path)
+    card_text = safetensors_metadata(path).get(CARD_KEY)
     if card_text is None:
         raise Med3DFMError(f"{path.name} is a safetensors file but carries no Med3DFM model card")
     try:
@@ -62,15 +79,8 @@ def read_card(path: PathLike) -> Dict[str, Any]:
 
 def read_weights(path: PathLike) -> Tuple[Dict[str, "torch.Tensor"], Dict[str, Any]]:
     """Load tensors and card from a safetensors file; refuse anything else with a clear message."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     card = read_card(path)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise Med3DFMError(f"not a valid safetensors weight file: {path} ({err})") from None
-    return tensors, card
+    return load_tensors(path), card
 
 
 def write_weights(path: PathLike, tensors: Dict[str, "torch.Tensor"], card: Dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from Med3DFMLib.io.volumes import read_volume
 from Med3DFMLib.preprocess import InputSpec, to_model_input
 from Med3DFMLib.progress import Progress
 from Med3DFMLib.record import new_record, record_path_for
+from Med3DFMLib.training import StopRequest
 
 DEFAULT_ENCODER = "med3dfm-encoder-small"
 FEATURE_WINDOW = 128
@@ -262,40 +263,6 @@ def run_adapt(
     write_text_atomic(record_path_for(output), json.dumps(record, indent=2) + "\n")
     progress.update("done", 1.0, f"wrote {output.name}", outputs={"adapter": str(output), **record.get("outputs", {})})
     return record
-
-
-class StopRequest:
-    """True once the user asked training to stop: SIGINT / SIGTERM, a `should_stop()` callback, or a
-    stop file (what Slicer's Cancel writes, so the job ends with the best model so far)."""
-
-    def __init__(self, stop_file: Path, callback: Optional[Callable[[], bool]] = None) -> None:
-        self.stop_file, self.callback, self.signalled = stop_file, callback, False
-        self._previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number: int, frame: Any) -> None:
-        self.signalled = True
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        try:
-            self.stop_file.unlink()
-        except FileNotFoundError:
-            pass
-
-    def __call__(self) -> bool:
-        return self.signalled or (self.callback is not None and self.callback()) or self.stop_file.exists()
 
 
 def stop_file_for(output: Path) -> Path:

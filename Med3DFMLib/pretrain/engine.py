@@ -32,6 +32,7 @@ from Med3DFMLib.pretrain.data import Archive, random_batch
 from Med3DFMLib.pretrain.decoder import MaskedVolumeModel
 from Med3DFMLib.pretrain.masking import MaskSchedule, block_masks
 from Med3DFMLib.progress import Progress
+from Med3DFMLib.training import distributed, flatten_optimizer, unflatten_optimizer
 
 
 PROBE_WARMUP, PROBE_STEPS = 10, 20
@@ -67,35 +68,6 @@ def learning_rate(config: PretrainConfig, step: int) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _distributed() -> tuple:
-    """(rank, world size, device) from torchrun's environment, initialising the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def _flatten_optimizer(state: Dict[str, Any]) -> tuple:
-    tensors: Dict[str, torch.Tensor] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            tensors[f"{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return tensors, state["param_groups"]
-
-
-def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], groups: List[Dict[str, Any]]) -> Dict[str, Any]:
-    state: Dict[int, Dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": groups}
-
-
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer, step: int, history: List[Dict[str, Any]], config: PretrainConfig) -> Path:
     from safetensors.torch import save_file
 
@@ -103,7 +75,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimiser: torch.optim
     staging = Path(tempfile.mkdtemp(prefix=".staging_", dir=folder))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
-        tensors, groups = _flatten_optimizer(optimiser.state_dict())
+        tensors, groups = flatten_optimizer(optimiser.state_dict())
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / "optimizer.safetensors"))
         (staging / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, "history": history, "config": asdict(config)}))
         if target.exists():
@@ -131,7 +103,7 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: Optional[Pr
 
     from Med3DFMLib.weights import write_weights
 
-    rank, world, device = _distributed()
+    rank, world, device = distributed()
     progress = progress if (progress is not None and rank == 0) else Progress("none")
     output = Path(config.output)
     checkpoints = output / "checkpoints"
@@ -153,7 +125,7 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: Optional[Pr
             raise Med3DFMError(f"--resume: no checkpoint in {checkpoints}")
         state = json.loads((found / "state.json").read_text())
         model.load_state_dict(load_file(str(found / "model.safetensors"), device=str(device)))
-        optimiser.load_state_dict(_unflatten_optimizer(load_file(str(found / "optimizer.safetensors"), device=str(device)), state["param_groups"]))
+        optimiser.load_state_dict(unflatten_optimizer(load_file(str(found / "optimizer.safetensors"), device=str(device)), state["param_groups"]))
         start_step, history = int(state["step"]), list(state["history"])
         config.max_steps = int(state["config"]["max_steps"])  # the schedule the run was started with
         config.max_minutes = 0.0

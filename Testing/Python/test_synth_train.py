@@ -1,0 +1,261 @@
+"""The synthetic-brain training loop (Med3DFMLib/synth/train.py) on the two real 2 mm label maps of
+Testing/Data/synthseg, with the tiny encoder at 4 mm and 32^3 crops so that every run takes seconds:
+a few steps train with a finite loss; a run stopped and resumed reaches bit-identical weights to an
+uninterrupted one (same device, one thread); damaged or foreign checkpoints are refused clearly; the
+held-out maps never reach the training sampler; the validation Dice is 1.0 for a perfect prediction
+on real maps; the time budget and SIGINT stop cleanly with a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from Med3DFMLib.errors import Med3DFMError
+from Med3DFMLib.models import VARIANTS
+from Med3DFMLib.preprocess import InputSpec
+from Med3DFMLib.synth import SYNTHSEG_OUTPUT_LABELS, SynthConfig, SynthGenerator, load_label_table
+from Med3DFMLib.synth.train import (
+    HELD_OUT_MAPS,
+    NUM_CLASSES,
+    VALIDATION_STRUCTURES,
+    SynthBatches,
+    SynthTrainConfig,
+    ValidationSet,
+    checkpoint_state,
+    config_for_resume,
+    learning_rate,
+    map_name,
+    read_checkpoint,
+    split_maps,
+    structure_dice,
+    synth_batch,
+    train,
+    validate,
+)
+from Med3DFMLib.weights import write_weights
+
+torch.set_num_threads(1)
+
+HELD = ("training_seg_02_2mm",)
+
+
+@pytest.fixture(scope="module")
+def maps(data_dir):
+    return data_dir / "synthseg"
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A tiny encoder weight file with its card, as the registry's encoder files are."""
+    from Med3DFMLib.models import DualBranchEncoder
+
+    torch.manual_seed(1)
+    module = DualBranchEncoder(VARIANTS["tiny"])
+    card = {"id": "tiny-test-encoder", "version": "0.0.1", "task": "encoder",
+            "architecture": {"type": "encoder", "encoder": VARIANTS["tiny"].to_dict()}, "input": InputSpec().to_card()}
+    path = tmp_path_factory.mktemp("encoder") / "tiny.safetensors"
+    write_weights(path, module.state_dict(), card)
+    return path
+
+
+def _config(maps, output, **changes) -> SynthTrainConfig:
+    settings = dict(maps=str(maps), output=str(output), encoder="", encoder_config=VARIANTS["tiny"].to_dict(),
+                    spacing=4.0, crop=32, held_out=HELD, val_images_per_map=1, val_every=0, log_every=1, warmup_steps=3)
+    settings.update(changes)
+    return SynthTrainConfig(**settings)
+
+
+def _quiet(_message: str) -> None:
+    """Progress lines are not under test."""
+
+
+def _log(output):
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_few_steps_train_from_the_encoder_file_with_a_finite_loss(maps, tiny_encoder, tmp_path):
+    config = _config(maps, tmp_path / "run", encoder=str(tiny_encoder), encoder_config={}, max_steps=3)
+    summary = train(config, echo=_quiet)
+    assert summary["steps"] == 3 and summary["stopped_by"] == "max_steps"
+    losses = [e for e in _log(tmp_path / "run") if "loss" in e]
+    assert [e["step"] for e in losses] == [1, 2, 3]
+    assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in losses)
+    assert [e["lr"] for e in losses] == [learning_rate(config, s) for s in range(3)]
+    assert all(e["samples_per_s"] > 0 and e["seconds_per_step"] > 0 for e in losses)
+
+    weights, moments, state = read_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert state["step"] == 3 and state["sampler"]["next_step"] == 3 and state["seconds"] > 0
+    assert state["encoder_init"]["id"] == "tiny-test-encoder"
+    assert state["architecture"]["num_classes"] == NUM_CLASSES == 33
+    assert moments and all(torch.isfinite(v).all() for v in weights.values())
+    # the encoder started from the file: its weights moved only a little in 3 small steps
+    start = load_file(str(tiny_encoder))
+    name = next(k for k in start if k.endswith("weight") and start[k].ndim > 1)
+    assert not torch.equal(weights[f"encoder.{name}"], start[name])
+    assert torch.allclose(weights[f"encoder.{name}"], start[name], atol=1e-3)
+    # a validation ran at the end and its checkpoint is the best one
+    assert len(state["validation"]) == 1 and set(state["validation"][0]["per_structure"]) == set(VALIDATION_STRUCTURES)
+    assert checkpoint_state(tmp_path / "run" / "best.safetensors")["best"]["step"] == 3
+
+
+def test_a_stopped_and_resumed_run_reaches_the_same_weights(maps, tmp_path):
+    whole = tmp_path / "whole"
+    train(_config(maps, whole, max_steps=4), echo=_quiet)
+    parts = tmp_path / "parts"
+    train(_config(maps, parts, max_steps=2), echo=_quiet)
+    resumed = config_for_resume(parts, max_steps=4)
+    assert resumed.max_steps == 4 and resumed.crop == 32
+    summary = train(resumed, resume=parts, echo=_quiet)
+    assert summary["part_steps"] == 2
+
+    a_weights, a_moments, a_state = read_checkpoint(whole / "last.safetensors")
+    b_weights, b_moments, b_state = read_checkpoint(parts / "last.safetensors")
+    assert a_state["step"] == b_state["step"] == 4
+    for name in a_weights:
+        assert torch.equal(a_weights[name], b_weights[name]), name
+    for name in a_moments:
+        assert torch.equal(a_moments[name], b_moments[name]), name
+    # the same losses and learning rates step by step: the same samples, the same schedule
+    strip = lambda state: [(e["step"], e["loss"], e["lr"]) for e in state["history"]]  # noqa: E731
+    assert strip(a_state) == strip(b_state) and [s for s, _, _ in strip(b_state)] == [1, 2, 3, 4]
+    assert [(p["from_step"], p["to_step"]) for p in b_state["parts"]] == [(0, 2), (2, 4)]
+
+
+def test_the_sample_stream_continues_and_never_repeats(maps):
+    paths, _ = split_maps(maps, HELD)
+    generator = SynthGenerator(paths, SynthConfig(target_spacing=4.0, crop_shape=32), table=load_label_table(maps))
+    first = iter(SynthBatches(generator, 0, 0, 1, 0))
+    drawn = [next(first) for _ in range(3)]
+    assert [d[0] for d in drawn] == [0, 1, 2]
+    again = next(iter(SynthBatches(generator, 0, 0, 1, 2)))  # a run resumed at step 2
+    assert again[0] == 2 and torch.equal(again[1], drawn[2][1]) and torch.equal(again[2], drawn[2][2])
+    assert not torch.equal(drawn[0][1], drawn[1][1])
+    other_rank = synth_batch(generator, 0, 2, 1, 1)
+    assert not torch.equal(other_rank[0], drawn[2][1])
+    # targets are class indices of the 33 outputs; images are standardised like an MR card's input
+    assert int(drawn[0][2].max()) < NUM_CLASSES and drawn[0][1].shape == (1, 1, 32, 32, 32)
+    assert abs(float(drawn[0][1].mean())) < 0.2 and float(drawn[0][1].std()) == pytest.approx(1.0, abs=0.2)
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_clearly(maps, tiny_encoder, tmp_path):
+    run = tmp_path / "run"
+    train(_config(maps, run, max_steps=1), echo=_quiet)
+    good = (run / "last.safetensors").read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(Med3DFMError, match="not a valid safetensors"):
+        read_checkpoint(truncated)
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(os.urandom(4096))
+    with pytest.raises(Med3DFMError, match="not a valid safetensors"):
+        read_checkpoint(noise)
+    with pytest.raises(Med3DFMError, match="not a synthetic-brain training checkpoint"):
+        read_checkpoint(tiny_encoder)
+    broken_state = tmp_path / "state.safetensors"
+    save_file({"model.x": torch.zeros(1)}, str(broken_state), metadata={"med3dfm.synth_checkpoint": "{not json"})
+    with pytest.raises(Med3DFMError, match="not valid JSON"):
+        read_checkpoint(broken_state)
+    with pytest.raises(Med3DFMError, match="no checkpoint"):
+        train(_config(maps, tmp_path / "empty"), resume=tmp_path / "empty", echo=_quiet)
+
+    # tensors that do not fit the model the state describes
+    weights, moments, state = read_checkpoint(run / "last.safetensors")
+    name = next(iter(weights))
+    weights[name] = torch.zeros(3, 3)
+    tensors = {**{f"model.{k}": v for k, v in weights.items()}, **{f"optimizer.{k}": v for k, v in moments.items()}}
+    wrong = tmp_path / "wrong" / "last.safetensors"
+    wrong.parent.mkdir()
+    save_file(tensors, str(wrong), metadata={"med3dfm.synth_checkpoint": json.dumps(state)})
+    with pytest.raises(Med3DFMError, match="do not fit its model"):
+        train(config_for_resume(wrong, output=str(wrong.parent), max_steps=2), resume=wrong, echo=_quiet)
+
+    # a resumed part may not change what is learned
+    with pytest.raises(Med3DFMError, match="keeps its training settings.*crop 64"):
+        config_for_resume(run, crop=64)
+    with pytest.raises(Med3DFMError, match="differs from the resumed run's in crop"):
+        train(_config(maps, run, crop=64, max_steps=2), resume=run, echo=_quiet)
+
+
+def test_the_held_out_maps_never_reach_the_training_sampler(maps, tmp_path):
+    # the default split on a SynthSeg-style folder: 19 and 20 held out, the other 18 trained on
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for index in range(1, 21):
+        (folder / f"training_seg_{index:02d}.nii.gz").touch()
+    training, held = split_maps(folder, HELD_OUT_MAPS)
+    assert [map_name(p) for p in held] == list(HELD_OUT_MAPS)
+    assert len(training) == 18 and not {map_name(p) for p in training} & set(HELD_OUT_MAPS)
+    with pytest.raises(Med3DFMError, match="held-out maps not found.*training_seg_21"):
+        split_maps(folder, ("training_seg_21",))
+    with pytest.raises(Med3DFMError, match="nothing to train on"):
+        split_maps(maps, ("training_seg_01_2mm", "training_seg_02_2mm"))
+
+    # on the real maps: the sampler only ever draws from the training map, and a run records it
+    training, held = split_maps(maps, HELD)
+    generator = SynthGenerator(training, SynthConfig(target_spacing=4.0, crop_shape=32), table=load_label_table(maps))
+    names = set()
+    for step in range(12):
+        generator.reseed(step)
+        names.add(generator.sample_with_info()[2]["map_name"])
+    assert names == {"training_seg_01_2mm.nii.gz"}
+    train(_config(maps, tmp_path / "run", max_steps=1), echo=_quiet)
+    state = checkpoint_state(tmp_path / "run" / "last.safetensors")
+    assert state["maps"] == {"training": ["training_seg_01_2mm"], "held_out": list(HELD)}
+
+
+def test_the_validation_dice_is_one_for_a_perfect_prediction(maps):
+    arrays = [sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(p)), "LPS")).astype(np.int64)
+              for p in sorted(maps.glob("training_seg_*_2mm.nii.gz"))]
+    kept = [np.where(np.isin(a, SYNTHSEG_OUTPUT_LABELS), a, 0) for a in arrays]
+    for labels in kept:
+        scores = structure_dice(labels, labels)
+        assert set(scores) == set(VALIDATION_STRUCTURES) and all(v == 1.0 for v in scores.values())
+    # another head is a poor prediction of this one; swapping the hemispheres ruins the sided ones
+    cross = structure_dice(kept[1], kept[0])
+    # (the heads are not aligned: small structures may not overlap at all)
+    assert all(0.0 <= v < 0.95 for v in cross.values()) and sum(v > 0.1 for v in cross.values()) >= 6
+    mirror = np.arange(max(SYNTHSEG_OUTPUT_LABELS) + 1)
+    mirror[[2, 41, 17, 53]] = [41, 2, 53, 17]
+    scores = structure_dice(mirror[kept[0]], kept[0])
+    assert scores["cerebral white matter"] == scores["hippocampus"] == 0.0 and scores["brain stem"] == 1.0
+
+    # end to end through the sliding window: a model that reads the labels off its input is perfect
+    classes = np.zeros(max(SYNTHSEG_OUTPUT_LABELS) + 1, dtype=np.int64)
+    classes[list(SYNTHSEG_OUTPUT_LABELS)] = np.arange(NUM_CLASSES)
+
+    class Oracle(torch.nn.Module):
+        num_classes = NUM_CLASSES
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 10.0 * F.one_hot(x[:, 0].round().long(), NUM_CLASSES).permute(0, 4, 1, 2, 3).float()
+
+    data = ValidationSet([classes[kept[0]].astype(np.float32)], [kept[0].astype(np.uint8)], ["map 1"])
+    result = validate(Oracle(), data, 64, torch.device("cpu"))
+    assert result["dice"] == 1.0 and all(v == 1.0 for v in result["per_structure"].values())
+
+
+def test_the_time_budget_and_sigint_stop_with_a_checkpoint(maps, tmp_path):
+    summary = train(_config(maps, tmp_path / "budget", minutes=0.25), echo=_quiet)
+    assert summary["stopped_by"] == "budget" and summary["steps"] > 0 and summary["seconds"] < 0.25 * 60 + 30
+    assert checkpoint_state(tmp_path / "budget" / "last.safetensors")["step"] == summary["steps"]
+
+    def interrupt_at_step_2(message: str) -> None:
+        if message.startswith("step 2 "):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a run without a limit
+
+    before = signal.getsignal(signal.SIGINT)
+    summary = train(_config(maps, tmp_path / "signal"), echo=interrupt_at_step_2)
+    assert summary["stopped_by"] == "signal" and summary["steps"] == 2
+    state = checkpoint_state(tmp_path / "signal" / "last.safetensors")
+    assert state["step"] == 2 and state["validation"] == []  # a signal saves at once, no validation
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back

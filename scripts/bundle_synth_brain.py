@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Turn a synthetic-brain training checkpoint (scripts/train_synth_brain.py) into a registry-ready
+segmentation model: a safetensors file with float16 weights and its card inside (no optimiser
+state), and print the registry entry (card, file size and sha256) as JSON.
+
+    python scripts/bundle_synth_brain.py build/synth_brain/best.safetensors
+    python scripts/bundle_synth_brain.py build/synth_brain/best.safetensors --out Resources/models/synth-brain-mr.safetensors
+
+It does not touch Resources/models.json: the entry is printed for review (and for
+scripts/bundle_model.py once the model has been evaluated on real scans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from Med3DFMLib.errors import Med3DFMError  # noqa: E402
+from Med3DFMLib.registry.catalogue import load_registry, schema_errors  # noqa: E402
+from Med3DFMLib.synth.labels import read_labels_table  # noqa: E402
+from Med3DFMLib.synth.train import INTENSITY_RULE, read_checkpoint  # noqa: E402
+from Med3DFMLib.weights import sha256_of, write_weights  # noqa: E402
+
+MAX_BYTES = 20 * 1000 * 1000
+SCT = "SCT"
+ANATOMY = ["SCT", "123037004", "Anatomical Structure"]
+SIDES = {"left": ["SCT", "7771000", "Left"], "right": ["SCT", "24028007", "Right"]}
+
+# FreeSurfer label -> (segment type code, FreeSurferColorLUT colour). Types are SNOMED CT from DICOM
+# CID 7153 "CNS Segmentation Type" (cerebellar cortex, inferior lateral ventricle: CID 7140 "Brain
+# Structure for Volumetric Measurement"); SNOMED CT has no concept for FreeSurfer's ventral
+# diencephalon, for which CID 7140 uses DICOM's own code DCM 110700.
+STRUCTURES: Dict[int, Tuple[List[str], Tuple[int, int, int]]] = {
+    2: ([SCT, "68523003", "Cerebral white matter"], (245, 245, 245)),
+    3: ([SCT, "40146001", "Cerebral cortex"], (205, 62, 78)),
+    4: ([SCT, "66720007", "Lateral ventricle"], (120, 18, 134)),
+    5: ([SCT, "53118009", "Inferior horn of lateral ventricle"], (196, 58, 250)),
+    7: ([SCT, "33060004", "Cerebellar white matter"], (220, 248, 164)),
+    8: ([SCT, "25991003", "Cerebellar cortex"], (230, 148, 34)),
+    10: ([SCT, "42695009", "Thalamus"], (0, 118, 14)),
+    11: ([SCT, "11000004", "Caudate nucleus"], (122, 186, 220)),
+    12: ([SCT, "89278009", "Putamen"], (236, 13, 176)),
+    13: ([SCT, "14738005", "Globus pallidus"], (12, 48, 255)),
+    14: ([SCT, "49841001", "Third ventricle"], (204, 182, 142)),
+    15: ([SCT, "35918002", "Fourth ventricle"], (42, 204, 164)),
+    16: ([SCT, "119238007", "Brain stem"], (119, 159, 176)),
+    17: ([SCT, "5366008", "Hippocampus"], (220, 216, 20)),
+    18: ([SCT, "4958002", "Amygdala"], (103, 255, 255)),
+    24: ([SCT, "65216001", "Cerebrospinal fluid"], (60, 60, 60)),
+    26: ([SCT, "427667007", "Nucleus accumbens"], (255, 165, 0)),
+    28: (["DCM", "110700", "Ventral Diencephalon"], (165, 42, 42)),
+}
+RIGHT_OF_LEFT = {2: 41, 3: 42, 4: 43, 5: 44, 7: 46, 8: 47, 10: 49, 11: 50, 12: 51, 13: 52, 17: 53, 18: 54, 26: 58, 28: 60}
+RIGHT_COLOURS = {52: (13, 48, 255)}  # FreeSurferColorLUT: the only right structure coloured unlike its left
+
+
+def label_entries(class_labels: List[int], names: Dict[int, str]) -> List[Dict[str, Any]]:
+    """One card label per output class (value = class index, what the segment pipeline writes)."""
+    left_of = {right: left for left, right in RIGHT_OF_LEFT.items()}
+    entries = []
+    for value, freesurfer in enumerate(class_labels):
+        if freesurfer == 0:
+            continue
+        base = left_of.get(freesurfer, freesurfer)
+        code, colour = STRUCTURES[base]
+        colour = RIGHT_COLOURS.get(freesurfer, colour)
+        terminology: Dict[str, Any] = {"contextName": "Segmentation category and type - DICOM master list", "category": ANATOMY, "type": code}
+        name = names[freesurfer]
+        side = name.split()[0]
+        if side in SIDES:
+            terminology["typeModifier"] = SIDES[side]
+        entries.append({"value": value, "name": name, "color": [round(c / 255, 3) for c in colour], "terminology": terminology})
+    return entries
+
+
+def weights_licence(encoder_init: Optional[Dict[str, Any]], given: Optional[str]) -> str:
+    """Fine-tuned weights carry the licence of the encoder weights they started from (the bundled
+    encoder is CC-BY-SA-4.0, share-alike); a random initialisation owes only the data's Apache-2.0."""
+    if given:
+        return given
+    if encoder_init is None:
+        return "Apache-2.0"
+    for entry in load_registry()["models"]:
+        if entry["id"] == encoder_init["id"]:
+            return str(entry["licence"])
+    raise Med3DFMError(f"the initial encoder {encoder_init['id']} is not in the registry: give its licence with --licence")
+
+
+def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, version: str, licence: str) -> Dict[str, Any]:
+    config, recipe, best = state["config"], state["recipe"], state["best"]
+    final = next(v for v in state["validation"] if v["step"] == best["step"])
+    spacing = float(config["spacing"])
+    devices = sorted({f"{p['device']} x{p['world_size']}" for p in state["parts"]})
+    hours = state["seconds"] / 3600
+    training_maps, held_out = state["maps"]["training"], state["maps"]["held_out"]
+    data = (f"SynthSeg's {len(training_maps)} whole-head training label maps (BBillot/SynthSeg data, Apache-2.0; Billot et al., "
+            f"Medical Image Analysis 2023), {len(held_out)} more held apart for validation ({', '.join(held_out)}); "
+            "no real images: every training image was synthesised from a label map")
+    encoder = state["encoder_init"]
+    method = (f"the SynthSeg recipe: images synthesised on the fly (random affine and elastic deformation, random per-class "
+              f"Gaussian contrast or T1 priors, bias field, resolution and slice-thickness simulation, noise, gamma, skull "
+              f"stripping) at {spacing:g} mm in {config['crop']}^3 crops; encoder "
+              f"{'initialised from ' + encoder['id'] if encoder else 'randomly initialised'} + light decoder, all trained; "
+              f"cross-entropy + soft Dice, AdamW lr {config['lr']:g} (linear warmup {config['warmup_steps']} steps, then constant), "
+              f"batch {config['batch']} per process; {state['step']} steps in {hours:.2f} h on {', '.join(devices)}; "
+              f"checkpoint with the best validation Dice (step {best['step']})")
+    return {
+        "id": model_id,
+        "version": version,
+        "task": "segment",
+        "title": "Brain structures (MR, any contrast), learned from synthetic images",
+        "description": "Segments SynthSeg's 32 brain structures (cerebral white matter and cortex, ventricles, deep grey nuclei, "
+                       "hippocampus, amygdala, cerebellum, brain stem, CSF, ...) on a whole-head or skull-stripped brain MR. "
+                       "Not for clinical use.",
+        "licence": licence,
+        "architecture": state["architecture"],
+        "input": {"modality": "MR", "spacing": [spacing] * 3, "window": [int(config["crop"])] * 3,
+                  "intensity": dict(INTENSITY_RULE), "orientation": "LPS"},
+        "labels": label_entries(state["class_labels"], names),
+        "training": {
+            "data": data,
+            "method": method,
+            "script": "scripts/train_synth_brain.py",
+            "steps": state["step"],
+            "seconds": state["seconds"],
+            "devices": devices,
+            "parts": state["parts"],
+            "training_maps": training_maps,
+            "held_out_maps": held_out,
+            "recipe": recipe,
+            "config": config,
+            "encoder_init": encoder,
+            "class_labels": state["class_labels"],
+            "class_labels_note": "output class i is the FreeSurfer label class_labels[i]",
+            "validation_history": [{"step": v["step"], "dice": v["dice"]} for v in state["validation"]],
+            "loss_curve": state["history"][:: max(1, len(state["history"]) // 100)],
+        },
+        "metrics": {
+            "dataset": f"synthetic whole-head images of the held-out maps {', '.join(held_out)} "
+                       f"({config['val_images_per_map']} per map, fixed seed {config['val_seed']}, the training recipe at {spacing:g} mm)",
+            "protocol": "Gaussian-blended sliding window over the whole head (Med3DFMLib.inference.predict_volume), "
+                        "Dice per structure with left and right averaged, mean over the images",
+            "step": best["step"],
+            "dice": final["per_structure"],
+            "mean_dice": final["dice"],
+        },
+        "limits": "Trained and validated on synthetic images only: not yet evaluated on real scans. Works at "
+                  f"{spacing:g} mm, so thin structures (cortex, pallidum, inferior lateral ventricles) lose detail. "
+                  "Expects a brain MR (whole head or skull-stripped); other anatomy and CT are outside its training. "
+                  "Not for clinical use.",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, nargs="?", default=ROOT / "build" / "synth_brain" / "best.safetensors")
+    parser.add_argument("--out", type=Path, help="model file (default: <id>.safetensors beside the checkpoint)")
+    parser.add_argument("--id", default="synth-brain-mr")
+    parser.add_argument("--version", default="0.1.0")
+    parser.add_argument("--licence", help="SPDX id of the weights (default: that of the initial encoder)")
+    parser.add_argument("--maps", type=Path, help="folder with SynthSeg's labels_table.txt (default: the run's maps, else Testing/Data/synthseg)")
+    args = parser.parse_args()
+
+    try:
+        weights, _moments, state = read_checkpoint(args.checkpoint)
+        if not state["best"] or not state["validation"]:
+            raise Med3DFMError(f"{args.checkpoint} has no validation yet: train until one has run")
+        folders = [args.maps] if args.maps else [Path(state["config"]["maps"]), ROOT / "Testing" / "Data" / "synthseg"]
+        table = next((f / "labels_table.txt" for f in folders if (f / "labels_table.txt").is_file()), None)
+        if table is None:
+            raise Med3DFMError(f"no labels_table.txt in {', '.join(str(f) for f in folders)}: give --maps")
+        card = build_card(state, read_labels_table(table), args.id, args.version, weights_licence(state["encoder_init"], args.licence))
+        out = args.out or args.checkpoint.with_name(f"{args.id}.safetensors")
+        # float16 halves the file (the small model is ~20 MB in float32); the loader casts back
+        sha = write_weights(out, {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, card)
+    except Med3DFMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    size = out.stat().st_size
+    if size > MAX_BYTES:
+        print(f"error: {out} is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB a bundled model may have", file=sys.stderr)
+        return 2
+    entry = {key: value for key, value in card.items() if key != "architecture"}
+    entry["files"] = [{"name": out.name, "sha256": sha, "size": size, "urls": [], "bundled": f"models/{out.name}"}]
+    problems = schema_errors({"schema_version": 1, "models": [entry]})
+    if problems:
+        print("error: the entry would not validate: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    print(json.dumps(entry, indent=2))
+    print(f"wrote {out} ({size / 1e6:.1f} MB, sha256 {sha[:12]}...); Resources/models.json not changed", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
