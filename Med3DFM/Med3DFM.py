@@ -281,9 +281,12 @@ class Med3DFMWidget(ModelsPanelMixin, ScriptedLoadableModuleWidget, VTKObservati
             if not panel_checks.licenceAcknowledged(self.logic, node.modelId, self.ui.statusLabel,
                                                     _("The model's licence was not acknowledged: segmentation was not started.")):
                 return
+            lowerResolution = panel_checks.lowerResolutionAccepted(self.logic, node, self.ui.statusLabel)
+            if lowerResolution is None:
+                return
             try:
                 self._job = self.logic.startSegment(node.inputVolume, node.modelId, node.device, node.outputSegmentation, node.confidence, node.flagBelow,
-                                                    node.rawLabelNames)
+                                                    node.rawLabelNames, lowerResolution)
             except Med3DFMJobError as err:  # e.g. the volume is outside the model's domain: a message, not a result
                 self.ui.statusLabel.text = str(err)
                 return
@@ -356,8 +359,10 @@ class Med3DFMWidget(ModelsPanelMixin, ScriptedLoadableModuleWidget, VTKObservati
                 self.showTable(tableNode)
             self._confidenceNode = outputs.confidence_node
             self.ui.confidenceLabel.text = outputs.flags
-            return _("Done in {seconds:.0f} s: {name} ({report})").format(seconds=job.result().seconds, name=segmentationNode.GetName(),
+            done = _("Done in {seconds:.0f} s: {name} ({report})").format(seconds=job.result().seconds, name=segmentationNode.GetName(),
                                                                        report=outputs.report.summary())
+            factor = job.context.get("lowerResolution", 1.0)
+            return done if factor == 1.0 else done + " " + _("At {factor}x the model's spacing (less detail).").format(factor=f"{factor:g}")
 
         self._settleJob(job, self.ui.progressBar, self.ui.statusLabel, _("Segmentation failed: {message}"), _("Cancelled."), finish)
 

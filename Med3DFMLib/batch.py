@@ -221,14 +221,15 @@ class SegmentTask(BatchTask):
     def __init__(self, model: Optional[str], device: str = "auto", overlap: float = 0.25, registry: Optional[str] = None,
                  force: bool = False, labelmaps: bool = False, overwrite: bool = True, accept_licence: bool = False,
                  confidence: bool = False, confidence_measure: str = DEFAULT_MEASURE, flag_below: float = DEFAULT_THRESHOLD,
-                 color_table: bool = False, raw_label_names: bool = False) -> None:
+                 color_table: bool = False, raw_label_names: bool = False, lower_resolution: float = 1.0) -> None:
         """`confidence`, `color_table`: also NAME_confidence.nii.gz and NAME.csv beside each NAME.seg.nrrd
-        (what `--confidence FILE` and `--color-table FILE` write for one scan)."""
+        (what `--confidence FILE` and `--color-table FILE` write for one scan). `lower_resolution`: every
+        scan at that many times the model's spacing (run_segment)."""
         self.model, self.device, self.overlap, self.registry = model, device, overlap, registry
         self.force, self.labelmaps, self.overwrite, self.accept_licence = force, labelmaps, overwrite, accept_licence
         self.confidence, self.confidence_measure, self.flag_below = confidence, confidence_measure, flag_below
-        self.color_table, self.raw_label_names = color_table, raw_label_names
-        self.segmenters: Dict[Tuple[str, str, float], Any] = {}
+        self.color_table, self.raw_label_names, self.lower_resolution = color_table, raw_label_names, lower_resolution
+        self.segmenters: Dict[Tuple[str, str, float, float], Any] = {}
         self.model_sha256: Optional[str] = None
 
     def prepare(self, progress: Progress) -> None:
@@ -252,6 +253,8 @@ class SegmentTask(BatchTask):
             request["color_table"] = True
         if self.raw_label_names:
             request["raw_label_names"] = True
+        if self.lower_resolution != 1.0:
+            request["lower_resolution"] = self.lower_resolution
         return request
 
     def _beside(self, row: BatchRow, ending: str) -> Path:
@@ -277,7 +280,8 @@ class SegmentTask(BatchTask):
         record = run_segment(row.input, row.output, self.model, device=self.device, labelmap=extras.get("labelmap"), overlap=self.overlap,
                              registry=self.registry, overwrite=self.overwrite, force=self.force, segmenters=self.segmenters,
                              accept_licence=self.accept_licence, confidence=extras.get("confidence"), confidence_measure=self.confidence_measure,
-                             flag_below=self.flag_below, color_table=extras.get("color_table"), raw_label_names=self.raw_label_names)
+                             flag_below=self.flag_below, color_table=extras.get("color_table"), raw_label_names=self.raw_label_names,
+                             lower_resolution=self.lower_resolution)
         outputs = {"segmentation": row.output, "record": record_path_for(row.output), **extras}
         model = f"{record['model']['id']}@{record['model']['version']}"
         return outputs, {"model": model, "segments": ";".join(f"{s['name']}={s['volume_ml']}" for s in record["segments"])}

@@ -77,10 +77,17 @@ def plan_memory(
         if where == "GPU":
             needed = per_window
         available = host_free if where == "main" else device_free
+        coarser = None
+        if where == "main":
+            from Med3DFMLib.windows import lower_resolution_to_fit
+
+            coarser = lower_resolution_to_fit(volume_shape, num_classes, host_free, per_window if device.type == "cpu" else 0)
+        offer = (f", or segment at a coarser resolution, which fits: --lower-resolution {coarser:g} (Slicer offers it)"
+                 if coarser else "")
         raise Med3DFMError(
             f"not enough {where} memory for a volume of {tuple(volume_shape)} voxels at the model's spacing: "
             f"needs about {needed / GIB:.1f} GiB, {max(available, 0) / GIB:.1f} GiB available "
-            "(crop the volume, close other programs, or use a machine with more memory)"
+            f"(crop the volume, close other programs, or use a machine with more memory{offer})"
         )
     return max(1, min(batch_size, int(device_free // per_window)))
 

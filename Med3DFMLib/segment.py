@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+MIN_RESOLUTION_FACTOR, MAX_RESOLUTION_FACTOR = 1.0, 4.0  # Med3DFMLib.windows.RESOLUTION_FACTORS lie in between
 
 Predictor = Callable[[sitk.Image, Progress, Dict[str, float]], Tuple[np.ndarray, sitk.Image]]
 
@@ -60,14 +61,21 @@ class LoadedSegmenter:
     spec: Optional[InputSpec] = None  # (benchmarks time their parts separately)
 
 
-def load_segmenter(model_spec: str, registry: Optional[str] = None, progress: Optional[Progress] = None, device_name: str = "auto", overlap: float = 0.25) -> LoadedSegmenter:
+def load_segmenter(model_spec: str, registry: Optional[str] = None, progress: Optional[Progress] = None, device_name: str = "auto", overlap: float = 0.25,
+                   resolution_factor: float = 1.0) -> LoadedSegmenter:
     from Med3DFMLib.registry import resolve_model
 
-    return load_resolved(resolve_model(model_spec, registry=registry, progress=progress), registry, progress, device_name, overlap)
+    return load_resolved(resolve_model(model_spec, registry=registry, progress=progress), registry, progress, device_name, overlap, resolution_factor)
 
 
-def load_resolved(resolved: "ResolvedModel", registry: Optional[str] = None, progress: Optional[Progress] = None, device_name: str = "auto", overlap: float = 0.25) -> LoadedSegmenter:
-    """A resolved (verified) model file, loaded and ready to run."""
+def load_resolved(resolved: "ResolvedModel", registry: Optional[str] = None, progress: Optional[Progress] = None, device_name: str = "auto", overlap: float = 0.25,
+                  resolution_factor: float = 1.0) -> LoadedSegmenter:
+    """A resolved (verified) model file, loaded and ready to run. `resolution_factor` > 1: the model
+    runs on a grid that many times coarser than its own spacing (a scan that would not fit in memory
+    otherwise: memory falls with the factor cubed, detail with it); the labels still come back on
+    the scan's own grid."""
+    if not MIN_RESOLUTION_FACTOR <= resolution_factor <= MAX_RESOLUTION_FACTOR:
+        raise Med3DFMError(f"--lower-resolution must lie in [{MIN_RESOLUTION_FACTOR:g}, {MAX_RESOLUTION_FACTOR:g}], not {resolution_factor:g}")
     from Med3DFMLib.weights import read_weights
 
     tensors, card = read_weights(resolved.weights)
@@ -75,6 +83,9 @@ def load_resolved(resolved: "ResolvedModel", registry: Optional[str] = None, pro
     device = choose_device(device_name)
     if card.get("task") == "adapter":
         from Med3DFMLib.fewshot.adapt import adapter_predictor
+
+        if resolution_factor != 1.0:
+            raise Med3DFMError("--lower-resolution works with segmentation models; an adapter runs on its encoder's grid")
 
         adapt_predict, segments = adapter_predictor(tensors, card, registry, device, progress)
         provenance["encoder"] = card["encoder"]
@@ -92,6 +103,9 @@ def load_resolved(resolved: "ResolvedModel", registry: Optional[str] = None, pro
 
     model = load_segmentation_model(tensors, card)
     spec = InputSpec.from_card(card["input"])
+    if resolution_factor != 1.0:
+        spec = dataclasses.replace(spec, spacing=tuple(float(v) * resolution_factor for v in spec.spacing))  # type: ignore[arg-type]
+        provenance["resolution_factor"] = resolution_factor
 
     def predict_model(image: sitk.Image, progress: Progress, timings: Dict[str, float]) -> Tuple[np.ndarray, sitk.Image]:
         tick = time.perf_counter()
@@ -210,9 +224,10 @@ def run_segment(
     confidence_measure: str = DEFAULT_MEASURE,
     flag_below: float = DEFAULT_THRESHOLD,
     color_table: Optional[Path] = None,
-    segmenters: Optional[Dict[Tuple[str, str, float], LoadedSegmenter]] = None,
+    segmenters: Optional[Dict[Tuple[str, str, float, float], LoadedSegmenter]] = None,
     accept_licence: bool = False,
     raw_label_names: bool = False,
+    lower_resolution: float = 1.0,
 ) -> Dict[str, Any]:
     """The whole `med3dfm segment` job; returns the record written beside the output.
 
@@ -223,9 +238,10 @@ def run_segment(
     Slicer colour table (.csv with names, colours and terminology), for the plain label map.
     `accept_licence`: acknowledge a licence that restricts use (Med3DFMLib/registry/licences.py); a
     restricted model that was never acknowledged is refused before it runs. `segmenters`: models already loaded, by
-    (sha256, device, overlap), reused and added to (a batch loads each model once). `raw_label_names`: name
+    (sha256, device, overlap, lower_resolution), reused and added to (a batch loads each model once). `raw_label_names`: name
     the segments of a segmentation model exactly as its card's labels, not by their terminology
-    (named_segments).
+    (named_segments). `lower_resolution` > 1: the model runs that many times coarser than its spacing
+    (for a scan that does not fit in memory otherwise; see load_resolved).
     """
     if confidence_measure not in MEASURES:
         raise Med3DFMError(f"unknown confidence measure {confidence_measure!r}; choose one of {', '.join(MEASURES)}")
@@ -247,7 +263,7 @@ def run_segment(
 
     record = new_record("segment")
     record["parameters"] = {"input": str(input_path), "model": model_spec, "device": device, "overlap": overlap, "force": force,
-                            "raw_label_names": raw_label_names}
+                            "raw_label_names": raw_label_names, "lower_resolution": lower_resolution}
     if confidence is not None:
         record["parameters"].update(confidence_measure=confidence_measure, flag_below=flag_below)
     timings = record["timings_s"]
@@ -267,10 +283,10 @@ def run_segment(
     if limit is not None:
         record["licence"] = {"licence": choice.resolved.card.get("licence"), "restriction": limit, "acknowledged": True}
     progress.update("model", 0.5, _choice_message(choice))
-    key = (choice.resolved.sha256, device, overlap)
+    key = (choice.resolved.sha256, device, overlap, lower_resolution)
     segmenter = segmenters.get(key) if segmenters is not None else None
     if segmenter is None:
-        segmenter = load_resolved(choice.resolved, registry, progress, device, overlap)
+        segmenter = load_resolved(choice.resolved, registry, progress, device, overlap, lower_resolution)
         if segmenters is not None:
             segmenters[key] = segmenter
     timings["load_model"] = time.perf_counter() - tick

@@ -30,3 +30,18 @@ def host_bytes_needed(volume_shape: Sequence[int], num_classes: int) -> int:
 def window_bytes_needed(window: Sequence[int]) -> int:
     """Activation memory of one window on the device (on the CPU: main memory too)."""
     return int(math.prod(int(w) for w in window)) * ACTIVATION_BYTES_PER_VOXEL
+
+
+RESOLUTION_FACTORS = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+"""The coarser spacings (× the model's) offered when a scan does not fit: beyond 4× a model made for
+1 mm structures sees little of them."""
+
+
+def lower_resolution_to_fit(volume_shape: Sequence[int], num_classes: int, available: int, extra: int = 0) -> "float | None":
+    """The smallest factor of RESOLUTION_FACTORS whose coarser model grid (each axis ÷ factor) fits
+    in `available` bytes of main memory with `extra` more (a CPU run's window); None if none does."""
+    for factor in RESOLUTION_FACTORS:
+        coarse = [max(1, int(round(n / factor))) for n in volume_shape]
+        if host_bytes_needed(coarse, num_classes) + extra <= available:
+            return factor
+    return None

@@ -259,6 +259,17 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             return None
         return environment.memory_check(imageData.GetDimensions(), volumeNode.GetSpacing(), entry.get("input", {}), len(entry.get("labels", [])) + 1, onCpu)
 
+    def lowerResolutionToFit(self, volumeNode, modelId: str, onCpu: bool) -> Optional[float]:
+        """For a scan that will not fit in main memory: the factor (× the model's spacing) at which it would
+        (`segment --lower-resolution`); None when it fits, when memory is unknown, or when nothing fits."""
+        memory = self.memoryCheck(volumeNode, modelId, onCpu)
+        if memory is None or memory[1] is None or memory[2]:
+            return None
+        entry = self.registryEntry(modelId) or {}
+        imageData = volumeNode.GetImageData()
+        return environment.lower_resolution_to_fit(imageData.GetDimensions(), volumeNode.GetSpacing(), entry.get("input", {}),
+                                                   len(entry.get("labels", [])) + 1, onCpu, memory[1])
+
     # --- jobs ----------------------------------------------------------------------------------
 
     def _newJobFolder(self) -> Path:
@@ -311,13 +322,16 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
     # --- segment -------------------------------------------------------------------------------
 
     def startSegment(self, volumeNode, modelId: str = DEFAULT_MODEL, device: str = "auto", outputSegmentationNode=None,
-                     confidence: bool = False, flagBelow: float = CONFIDENCE_FLAG_BELOW, rawLabelNames: bool = False) -> "jobs.Job":
+                     confidence: bool = False, flagBelow: float = CONFIDENCE_FLAG_BELOW, rawLabelNames: bool = False,
+                     lowerResolution: float = 1.0) -> "jobs.Job":
         """Start a segment job in the background; poll it with job.poll(), then call finishSegment(job).
 
         A volume outside the model's declared domain is refused here (Med3DFMJobError naming the mismatch
         and the models that fit) before anything is written; the job checks again (without the DICOM tag).
         `confidence`: also a confidence overlay showing the voxels below `flagBelow`. `rawLabelNames`: segments
-        named as the model card's labels, not by their terminology (`segment --raw-label-names`).
+        named as the model card's labels, not by their terminology (`segment --raw-label-names`). `lowerResolution`:
+        the model runs that many times coarser than its spacing (`segment --lower-resolution`), for a scan that
+        would not fit in memory otherwise (lowerResolutionToFit).
         """
         message = fit.mismatch_message(modelId, self.modelFits(volumeNode))
         if message:
@@ -327,9 +341,9 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             output = folder / "result.seg.nrrd"
             extra = {"labelmap": folder / "result-labels.nii.gz", "confidence": folder / "result-confidence.nii.gz", "flag_below": flagBelow} if confidence else {}
             command = jobs.segment_command(self.pythonExecutable(), inputPath, output, modelId, device, table=folder / "result.tsv", registry=None,
-                                           raw_label_names=rawLabelNames, **extra)
+                                           raw_label_names=rawLabelNames, lower_resolution=lowerResolution, **extra)
             return command, {"modelId": modelId, "output": output, "outputSegmentationNode": outputSegmentationNode, "flagBelow": flagBelow,
-                             "rawLabelNames": rawLabelNames}
+                             "rawLabelNames": rawLabelNames, "lowerResolution": lowerResolution}
 
         return self._startJob("segment", volumeNode, build)
 

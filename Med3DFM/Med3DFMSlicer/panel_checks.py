@@ -43,6 +43,9 @@ def estimateText(logic, node) -> str:
             "Will not fit: needs about {needed} of memory, {available} free. Crop the volume to the region you need (Crop Volume module) "
             "or close other programs; a coarser copy does not help, the model resamples every scan to its own spacing.")
         parts.append(text.format(needed=environment.describe_bytes(needed), available=environment.describe_bytes(available)))
+        factor = None if fits else logic.lowerResolutionToFit(node.inputVolume, node.modelId, onCpu=not onGpu)
+        if factor is not None:
+            parts.append(_("Segment offers to run the model at {factor}x its spacing instead, which fits (less detail).").format(factor=f"{factor:g}"))
     return " ".join(parts)
 
 
@@ -66,6 +69,26 @@ def gpuText(logic, modelId: str) -> str:
         return _("Runs on the GPU ({name}): needs about {needed} of GPU memory per window, {free} free of {total}.").format(**values)
     return _("Will not fit on the GPU ({name}): one window needs about {needed}, {free} free of {total}. Close programs using the GPU, "
              "or choose CPU (main memory is usually larger).").format(**values)
+
+
+def lowerResolutionAccepted(logic, node, statusLabel) -> Optional[float]:
+    """1.0 when the scan fits (or memory is unknown); for one that will not, the coarser factor that fits if
+    the user accepts it; None (with a line in the status) when declined or when nothing fits."""
+    onGpu = runsOnGpu(logic, node.device)
+    memory = logic.memoryCheck(node.inputVolume, node.modelId, onCpu=not onGpu)
+    if memory is None or memory[1] is None or memory[2]:
+        return 1.0
+    factor = logic.lowerResolutionToFit(node.inputVolume, node.modelId, onCpu=not onGpu)
+    if factor is None:
+        statusLabel.text = _("The scan does not fit in memory even at 4x the model's spacing: crop it (Crop Volume module). Not started.")
+        return None
+    question = _("This scan needs about {needed} of memory, {available} free. Segment it at {factor}x the model's spacing instead? "
+                 "It fits, with less detail; the segments still come back on the scan's own grid.").format(
+        needed=environment.describe_bytes(memory[0]), available=environment.describe_bytes(memory[1]), factor=f"{factor:g}")
+    if not slicer.util.confirmOkCancelDisplay(question, _("Med3DFM: not enough memory")):
+        statusLabel.text = _("Not enough memory for this scan: segmentation was not started.")
+        return None
+    return factor
 
 
 def licenceAcknowledged(logic, modelId: str, statusLabel, notStarted: str, encoder: bool = False) -> bool:

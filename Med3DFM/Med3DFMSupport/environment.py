@@ -118,7 +118,8 @@ def memory_check(size: Sequence[int], spacing: Sequence[float], model_input: Map
 
     The same arithmetic as the job's own guard (Med3DFMLib.inference.plan_memory): input, class scores
     and count map on the model grid, plus one window's activations when it runs on the CPU. Cropping
-    is what lowers it: the model resamples any scan to its own spacing, so a coarser input does not.
+    or running the model coarser than its spacing (`lower_resolution_to_fit`) lowers it: the model resamples
+    any scan to its own spacing, so a coarser input does not.
     """
     from Med3DFMLib.windows import host_bytes_needed, window_bytes_needed  # torch-free
 
@@ -132,6 +133,16 @@ def memory_check(size: Sequence[int], spacing: Sequence[float], model_input: Map
             return needed, None, True
         available = int(psutil.virtual_memory().available)
     return needed, available, needed <= available
+
+
+def lower_resolution_to_fit(size: Sequence[int], spacing: Sequence[float], model_input: Mapping[str, Any], num_classes: int, on_cpu: bool,
+                            available: int) -> Optional[float]:
+    """The factor (× the model's spacing) at which a scan that does not fit in `available` bytes of main
+    memory would, as `segment --lower-resolution` runs it; None if even the coarsest does not."""
+    from Med3DFMLib.windows import lower_resolution_to_fit as factor_to_fit, window_bytes_needed  # torch-free
+
+    extra = window_bytes_needed(model_input.get("window") or [96, 96, 96]) if on_cpu else 0
+    return factor_to_fit(model_grid_shape(size, spacing, model_input), num_classes, available, extra)
 
 
 def gpu_memory_check(model_input: Mapping[str, Any], report: Mapping[str, Any]) -> Optional[Tuple[int, Optional[int], int, str, bool]]:

@@ -106,6 +106,7 @@ def segment_command(
     confidence: Optional[Path] = None,
     flag_below: Optional[float] = None,
     raw_label_names: bool = False,
+    lower_resolution: float = 1.0,
 ) -> List[str]:
     """`PythonSlicer -m Med3DFMLib.cli segment INPUT -o OUT.seg.nrrd ... --progress json`."""
     if device not in DEVICES:
@@ -123,6 +124,8 @@ def segment_command(
             command += ["--flag-below", f"{flag_below:g}"]
     if raw_label_names:
         command.append("--raw-label-names")
+    if lower_resolution != 1.0:
+        command += ["--lower-resolution", f"{lower_resolution:g}"]
     if registry:
         command += ["--registry", str(registry)]
     if not overwrite:

@@ -38,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     segment.add_argument("--raw-label-names", action="store_true", help="name the segments exactly as the model card's labels (e.g. "
                          "'anterior hippocampus') instead of by their terminology (its type and modifier, e.g. 'Hippocampus')")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, 0..0.9 (default 0.25)")
+    segment.add_argument("--lower-resolution", type=float, default=1.0, metavar="FACTOR",
+                         help="run the model on a grid FACTOR times coarser than its own spacing (1-4; default 1): for a scan that does not fit "
+                              "in memory otherwise (the memory error names the factor that fits); less detail, labels still on the scan's grid")
     segment.add_argument("--no-overwrite", action="store_true", help="refuse to replace existing output files")
     add_licence_option(segment)
     segment.add_argument("--force", action="store_true", help="run --model even on a scan outside its declared domain (modality, field of view, "
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                 raise Med3DFMError(f"with --list, give {option} without a file: each scan's goes beside its output (see --help)")
         task = SegmentTask(args.model, args.device, args.overlap, args.registry, args.force, args.labelmaps, overwrite=not args.no_overwrite,
                            accept_licence=args.accept_licence, confidence=args.confidence is True, confidence_measure=args.confidence_measure,
-                           flag_below=args.flag_below, color_table=args.color_table is True, raw_label_names=args.raw_label_names)
+                           flag_below=args.flag_below, color_table=args.color_table is True, raw_label_names=args.raw_label_names,
+                           lower_resolution=args.lower_resolution)
         return run_batch_command(task, args, progress)
     for option, value in (("--confidence", args.confidence), ("--color-table", args.color_table)):
         if value is True:
@@ -86,6 +90,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         color_table=args.color_table,
         accept_licence=args.accept_licence,
         raw_label_names=args.raw_label_names,
+        lower_resolution=args.lower_resolution,
     )
     if progress.mode != "json":
         segments = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in record["segments"])
@@ -97,6 +102,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             model += " (forced: the scan is outside its domain)"
         elif not domain["declared"]:
             model += " (its card declares no domain: the scan was not checked)"
+        if args.lower_resolution != 1.0:
+            model += f" at {args.lower_resolution:g}x its spacing"
         print(f"wrote {args.output} ({segments}) with {model} in {record['timings_s']['total']:.1f} s on {record['device']}")
         if "confidence" in record:
             print(f"confidence ({record['confidence']['measure']}) in {args.confidence}; {record['confidence']['summary']}")

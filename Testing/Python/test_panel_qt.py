@@ -596,3 +596,48 @@ def test_raw_label_names_reach_the_job_and_the_estimate_shows_the_gpu(harness, s
         harness.widget._updateGUI()
         assert ui.estimateLabel.text.startswith(expected) and "free of 24.0 GiB" in ui.estimateLabel.text, ui.estimateLabel.text
     assert harness.messages == []
+
+
+def test_a_scan_that_will_not_fit_is_offered_at_a_lower_resolution(harness, slicer, hippocampus_case, monkeypatch):
+    """Main memory too small for the scan at the model's spacing: the estimate says so and names the
+    coarser factor that fits; Segment asks, and runs `segment --lower-resolution F` when accepted."""
+    import psutil
+
+    ui = harness.ui
+    _load(harness, slicer, hippocampus_case[0])
+    harness.choose(ui.deviceComboBox, "CPU")
+    logic = harness.widget.logic
+    node = harness.widget._parameterNode
+    needed = logic.memoryCheck(node.inputVolume, DEMO, onCpu=True)[0]
+    entry = logic.registryEntry(DEMO)
+    from Med3DFMLib.windows import window_bytes_needed
+
+    window = window_bytes_needed(entry["input"]["window"])
+    available = window + (needed - window) // 2  # the scan's arrays need twice what is left: 1.5x coarser fits (1.5^3 > 2)
+    real = psutil.virtual_memory
+
+    class Memory:
+        def __init__(self):
+            self.total, self.available = real().total, available
+
+    monkeypatch.setattr(psutil, "virtual_memory", Memory)
+    harness.widget._updateGUI()
+    assert "Will not fit" in ui.estimateLabel.text and "at 1.5x its spacing instead, which fits" in ui.estimateLabel.text, ui.estimateLabel.text
+
+    harness.answer(QT_CANCEL)
+    harness.click(ui.applyButton)
+    assert harness.messages[-1].kind == "question" and "at 1.5x the model's spacing instead" in harness.messages[-1].text
+    assert harness.widget._job is None and ui.statusLabel.text == "Not enough memory for this scan: segmentation was not started."
+
+    harness.answer(QT_OK)
+    harness.click(ui.applyButton)
+    command = harness.widget._job.command
+    assert command[command.index("--lower-resolution") + 1] == "1.5"
+    monkeypatch.setattr(psutil, "virtual_memory", real)  # the job's own guard reads this process's memory no more; let it finish
+    _run_to_end(harness, "applyButton", "the lower-resolution job")
+    assert ui.statusLabel.text.startswith("Done in") and ui.statusLabel.text.endswith("At 1.5x the model's spacing (less detail)."), ui.statusLabel.text
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"total": 1, "available": 1})())
+    harness.widget._updateGUI()
+    harness.click(ui.applyButton)  # nothing fits: said, nothing started, no question asked
+    assert harness.widget._job is None and ui.statusLabel.text.startswith("The scan does not fit in memory even at 4x")
