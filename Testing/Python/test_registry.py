@@ -610,8 +610,29 @@ def test_a_sample_with_the_wrong_checksum_leaves_nothing(tmp_path: Path, server:
     assert "checksum mismatch" in error and "e" * 64 in error and error.count("\n") == 1
     assert sorted(p.name for p in (home / "samples").iterdir()) == [".lock"] and not (tmp_path / "c.nii.gz").exists()
     # a model without a sample says so
-    assert models_main(["sample", "hippocampus-mr-demo", "--progress", "none"]) == 1
+    assert models_main(["sample", "med3dfm-encoder-small", "--progress", "none"]) == 1
     assert "names no sample scan" in capsys.readouterr().err
+
+
+def test_the_shipped_sample_scan_matches_its_checksum_and_reads_as_the_crop(tmp_path: Path, server: FileServer, home: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """hippocampus-mr-demo's sample: the bytes at its pinned-commit URL (a copy in Testing/Data, the
+    same voxels as the test crop hippocampus_014) pass its sha256 and size, served on 127.0.0.1."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    shipped = next(m for m in json.loads((resources_dir() / "models.json").read_text())["models"] if m["id"] == "hippocampus-mr-demo")["sample"]
+    assert shipped["url"].startswith("https://raw.githubusercontent.com/WisnuMulya/hippocampal-volume-quantification/45dbf14")
+    data_dir = Path(__file__).resolve().parents[1] / "Data" / "hippocampus"
+    data = (data_dir / "sample_hippocampus_014.nii.gz").read_bytes()
+    weights = make_weights(tmp_path / "w.safetensors", "sampled")
+    sample = {**shipped, "url": server.add("/pinned/hippocampus_014.nii.gz", data)}
+    model = entry("sampled", "1.0.0", [file_entry("sampled.safetensors", weights, [server.url("/sampled.safetensors")])], sample=sample)
+    registry = write_registry(tmp_path / "models.json", [model])
+    assert models_main(["sample", "sampled", "--registry", registry, "--progress", "none"]) == 0
+    cached = Path(capsys.readouterr().out.strip())
+    sample_image = sitk.GetArrayFromImage(sitk.ReadImage(str(cached)))
+    assert np.array_equal(sample_image, sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "images" / "hippocampus_014.nii.gz"))))
 
 
 def test_old_versions_stay_listed_and_selectable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
