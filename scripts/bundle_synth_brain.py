@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -93,9 +95,48 @@ def weights_licence(encoder_init: Optional[Dict[str, Any]], given: Optional[str]
     raise Med3DFMError(f"the initial encoder {encoder_init['id']} is not in the registry: give its licence with --licence")
 
 
-def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, version: str, licence: str) -> Dict[str, Any]:
+def brain_domain(maps: List[Path], recipe: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
+    """The card's `domain`: a brain MR of any contrast, whole head or skull-stripped. The field of
+    view spans the label maps' brain-only boxes (SynthSeg's 32 structures) to their whole-head boxes
+    (every label), along L, P, S after reorienting to LPS. The intensities are not checked (the model
+    was trained for any contrast; only "not CT" is): their `raw` range is that of whole-head images
+    synthesised with the training recipe, for people to read. A hippocampus crop (35 x 50 x 35 mm) or
+    a chest CT is refused; a scan cut to part of the brain may be too."""
+    import SimpleITK as sitk
+
+    from Med3DFMLib.domain import PERCENTILES
+    from Med3DFMLib.synth import SYNTHSEG_OUTPUT_LABELS, SynthConfig, SynthGenerator, load_label_table
+
+    extents = []
+    for path in maps:
+        image = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+        array = sitk.GetArrayFromImage(image)
+        spacing_zyx = np.array(image.GetSpacing()[::-1])
+        for mask in (array > 0, np.isin(array, [v for v in SYNTHSEG_OUTPUT_LABELS if v])):
+            where = np.nonzero(mask)
+            extents.append([(int(w.max()) - int(w.min()) + 1) * s for w, s in zip(where, spacing_zyx)][::-1])  # L, P, S
+    extents_mm = np.array(extents)
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}
+    generator = SynthGenerator(maps, SynthConfig(**{**settings, "crop_shape": None}), seed, table=load_label_table(maps[0].parent))
+    raw = np.array([np.percentile(generator.sample()[0].numpy(), PERCENTILES) for _ in range(2 * len(maps))])
+    return {
+        "modality": "MR",
+        "contrast": "any (trained on synthetic images of random contrast, some T1-like)",
+        "body_region": "brain: whole head or skull-stripped",
+        "field_of_view": {"axes": "LPS", "kind": "whole scan",
+                          "extent_mm": {"min": [round(float(v), 1) for v in extents_mm.min(axis=0)],
+                                        "max": [round(float(v), 1) for v in extents_mm.max(axis=0)]}},
+        "intensity": {"scale": "relative", "percentiles": list(PERCENTILES),
+                      "raw": {"min": [round(float(v), 4) for v in raw.min(axis=0)], "max": [round(float(v), 4) for v in raw.max(axis=0)]}},
+        "measured": {"label_maps": len(maps), "synthetic_images": len(raw), "script": "scripts/bundle_synth_brain.py"},
+    }
+
+
+def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, version: str, licence: str,
+               domain: Dict[str, Any]) -> Dict[str, Any]:
     config, recipe, best = state["config"], state["recipe"], state["best"]
-    final = next(v for v in state["validation"] if v["step"] == best["step"])
+    # the card describes the weights in this file: the validation at its own step
+    final = next(v for v in state["validation"] if v["step"] == state["step"])
     spacing = float(config["spacing"])
     devices = sorted({f"{p['device']} x{p['world_size']}" for p in state["parts"]})
     hours = state["seconds"] / 3600
@@ -110,7 +151,7 @@ def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, vers
               f"{'initialised from ' + encoder['id'] if encoder else 'randomly initialised'} + light decoder, all trained; "
               f"cross-entropy + soft Dice, AdamW lr {config['lr']:g} (linear warmup {config['warmup_steps']} steps, then constant), "
               f"batch {config['batch']} per process; {state['step']} steps in {hours:.2f} h on {', '.join(devices)}; "
-              f"checkpoint with the best validation Dice (step {best['step']})")
+              f"weights of step {state['step']} (best validation Dice of the run: step {best['step']})")
     return {
         "id": model_id,
         "version": version,
@@ -121,6 +162,7 @@ def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, vers
                        "Not for clinical use.",
         "licence": licence,
         "architecture": state["architecture"],
+        "domain": domain,
         "input": {"modality": "MR", "spacing": [spacing] * 3, "window": [int(config["crop"])] * 3,
                   "intensity": dict(INTENSITY_RULE), "orientation": "LPS"},
         "labels": label_entries(state["class_labels"], names),
@@ -147,7 +189,7 @@ def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, vers
                        f"({config['val_images_per_map']} per map, fixed seed {config['val_seed']}, the training recipe at {spacing:g} mm)",
             "protocol": "Gaussian-blended sliding window over the whole head (Med3DFMLib.inference.predict_volume), "
                         "Dice per structure with left and right averaged, mean over the images",
-            "step": best["step"],
+            "step": state["step"],
             "dice": final["per_structure"],
             "mean_dice": final["dice"],
         },
@@ -158,7 +200,7 @@ def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, vers
     }
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, nargs="?", default=ROOT / "build" / "synth_brain" / "best.safetensors")
     parser.add_argument("--out", type=Path, help="model file (default: <id>.safetensors beside the checkpoint)")
@@ -166,17 +208,22 @@ def main() -> int:
     parser.add_argument("--version", default="0.1.0")
     parser.add_argument("--licence", help="SPDX id of the weights (default: that of the initial encoder)")
     parser.add_argument("--maps", type=Path, help="folder with SynthSeg's labels_table.txt (default: the run's maps, else Testing/Data/synthseg)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     try:
         weights, _moments, state = read_checkpoint(args.checkpoint)
-        if not state["best"] or not state["validation"]:
-            raise Med3DFMError(f"{args.checkpoint} has no validation yet: train until one has run")
+        if not state["best"] or not any(v["step"] == state["step"] for v in state["validation"]):
+            raise Med3DFMError(f"{args.checkpoint} has no validation at its step {state['step']} (a run stopped by a signal skips it): "
+                               "bundle best.safetensors, or resume for a few steps and let it stop by its budget")
         folders = [args.maps] if args.maps else [Path(state["config"]["maps"]), ROOT / "Testing" / "Data" / "synthseg"]
         table = next((f / "labels_table.txt" for f in folders if (f / "labels_table.txt").is_file()), None)
         if table is None:
             raise Med3DFMError(f"no labels_table.txt in {', '.join(str(f) for f in folders)}: give --maps")
-        card = build_card(state, read_labels_table(table), args.id, args.version, weights_licence(state["encoder_init"], args.licence))
+        maps = sorted(table.parent.glob("training_seg_*.nii.gz"))
+        if not maps:
+            raise Med3DFMError(f"no training_seg_*.nii.gz label maps beside {table}: the domain is measured on them")
+        card = build_card(state, read_labels_table(table), args.id, args.version, weights_licence(state["encoder_init"], args.licence),
+                          brain_domain(maps, state["recipe"]))
         out = args.out or args.checkpoint.with_name(f"{args.id}.safetensors")
         # float16 halves the file (the small model is ~20 MB in float32); the loader casts back
         sha = write_weights(out, {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, card)

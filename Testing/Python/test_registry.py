@@ -624,7 +624,7 @@ def test_the_shipped_sample_scan_matches_its_checksum_and_reads_as_the_crop(tmp_
     shipped = next(m for m in json.loads((resources_dir() / "models.json").read_text())["models"] if m["id"] == "hippocampus-mr-demo")["sample"]
     assert shipped["url"].startswith("https://raw.githubusercontent.com/WisnuMulya/hippocampal-volume-quantification/45dbf14")
     data_dir = Path(__file__).resolve().parents[1] / "Data" / "hippocampus"
-    data = (data_dir / "sample_hippocampus_014.nii.gz").read_bytes()
+    data = (data_dir.parent / "samples" / "hippocampus_014.nii.gz").read_bytes()  # not in hippocampus/: folder scans read every file there
     weights = make_weights(tmp_path / "w.safetensors", "sampled")
     sample = {**shipped, "url": server.add("/pinned/hippocampus_014.nii.gz", data)}
     model = entry("sampled", "1.0.0", [file_entry("sampled.safetensors", weights, [server.url("/sampled.safetensors")])], sample=sample)

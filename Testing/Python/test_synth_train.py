@@ -259,3 +259,72 @@ def test_the_time_budget_and_sigint_stop_with_a_checkpoint(maps, tmp_path):
     state = checkpoint_state(tmp_path / "signal" / "last.safetensors")
     assert state["step"] == 2 and state["validation"] == []  # a signal saves at once, no validation
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
+
+
+def _scripts():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[2] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("bundle_synth_brain"), importlib.import_module("evaluate_synth_brain")
+
+
+def test_the_real_t1_has_the_true_axes_the_evaluation_gives_it(data_dir):
+    """The voxelmorph T1 was stored without an affine; with evaluate_synth_brain's LIA direction its
+    aseg lies the right way round in LPS: left labels at +x, the cerebellum behind (+y) the caudate,
+    the brain stem below (-z) the thalamus."""
+    _, evaluate = _scripts()
+    aseg = evaluate.with_true_axes(sitk.ReadImage(str(data_dir / "brain" / "aseg_4mm.nii.gz")))
+    lps = sitk.DICOMOrient(aseg, "LPS")
+    array = sitk.GetArrayFromImage(lps)
+
+    def centre(values):  # (x, y, z) in mm of the LPS grid
+        where = np.argwhere(np.isin(array, values))[:, ::-1]
+        return np.array(lps.TransformContinuousIndexToPhysicalPoint(where.mean(0).tolist()))
+
+    assert centre([2, 3]) [0] > centre([41, 42])[0] + 20        # left hemisphere at +x (L)
+    assert centre([8, 47])[1] > centre([11, 50])[1] + 30        # cerebellum posterior of the caudate
+    assert centre([16])[2] < centre([10, 49])[2] - 10           # brain stem inferior to the thalamus
+    raw = sitk.ReadImage(str(data_dir / "brain" / "aseg_4mm.nii.gz"))  # as stored, the sides come out mirrored
+    stored = sitk.GetArrayFromImage(sitk.DICOMOrient(raw, "LPS"))
+    assert np.argwhere(stored == 2)[:, 2].mean() > np.argwhere(stored == 41)[:, 2].mean()
+    assert raw.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def test_a_checkpoint_bundles_into_a_segment_model_that_knows_its_domain(maps, data_dir, tmp_path, capsys):
+    from Med3DFMLib.domain import check, measure_image
+    from Med3DFMLib.segment import load_segmenter
+    from Med3DFMLib.weights import read_card
+
+    bundle, evaluate = _scripts()
+    run = tmp_path / "run"
+    train(_config(maps, run, max_steps=2), echo=_quiet)
+    out = tmp_path / "synth-brain-test.safetensors"
+    assert bundle.main([str(run / "best.safetensors"), "--out", str(out), "--maps", str(maps), "--id", "synth-brain-test"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    card = read_card(out)
+    assert entry["files"][0]["size"] == out.stat().st_size and card["task"] == "segment"
+    assert card["licence"] == "Apache-2.0"  # a random initialisation owes only the data's licence
+    labels = {e["name"]: e for e in card["labels"]}
+    assert len(labels) == NUM_CLASSES - 1 and [e["value"] for e in card["labels"]] == list(range(1, NUM_CLASSES))
+    assert labels["left hippocampus"]["terminology"]["type"][1] == "5366008"
+    assert labels["left hippocampus"]["terminology"]["typeModifier"][2] == "Left"
+    assert card["training"]["class_labels"] == list(SYNTHSEG_OUTPUT_LABELS) and card["metrics"]["step"] == 2
+
+    # the domain: a whole brain fits, a hippocampus crop and a CT do not
+    brain = evaluate.with_true_axes(sitk.ReadImage(str(data_dir / "brain" / "t1_brain_4mm.nii.gz"), sitk.sitkFloat32))
+    assert check(measure_image(brain), card["domain"]).fits
+    crop = sitk.ReadImage(str(sorted((data_dir / "hippocampus" / "images").glob("*.nii.gz"))[0]), sitk.sitkFloat32)
+    verdict = check(measure_image(crop), card["domain"])
+    assert not verdict.fits and "field of view" in verdict.reason()
+    ct = sitk.ReadImage(str(data_dir / "totalseg" / "example_ct_sm.nii.gz"))
+    assert "trained on MR" in check(measure_image(ct), card["domain"]).reason()
+
+    # it segments through the library's pipeline; the evaluation maps classes to FreeSurfer labels
+    segmenter = load_segmenter(str(out), device_name="cpu")
+    predicted = evaluate.freesurfer_labels(segmenter, card, brain)
+    assert predicted.shape == sitk.GetArrayFromImage(brain).shape
+    assert set(np.unique(predicted)) <= set(SYNTHSEG_OUTPUT_LABELS)
