@@ -66,11 +66,17 @@ def test_the_copies_in_testing_data_are_what_shared_data_holds():
 
     data = Path(__file__).resolve().parents[1] / "Data"
     copies = [p for p in data.rglob("*") if p.is_file() and p.name != "ATTRIBUTION.md" and p.suffix != ".npz" and p.name not in ("t1_brain_4mm.nii.gz", "aseg_4mm.nii.gz")
-              and not p.name.endswith("_2mm.nii.gz")]
+              and not p.name.endswith("_2mm.nii.gz") and p.parent.name != "samples"]
     for path in copies:
         relative = path.relative_to(data)
         source = SHARED / (relative.relative_to("evaluation") if relative.parts[0] == "evaluation" else relative)
         assert source.is_file() and source.read_bytes() == path.read_bytes(), relative
+    # the registry's sample scans are other compressions of shared scans: the same voxels on the same grid
+    for path in sorted((data / "samples").glob("*.nii.gz")):
+        sample, shared = sitk.ReadImage(str(path)), sitk.ReadImage(str(SHARED / "hippocampus" / "images" / path.name))
+        assert sample.GetSize() == shared.GetSize() and np.allclose(sample.GetSpacing(), shared.GetSpacing()), path.name
+        assert np.allclose(sample.GetOrigin(), shared.GetOrigin()) and np.allclose(sample.GetDirection(), shared.GetDirection()), path.name
+        assert np.array_equal(sitk.GetArrayViewFromImage(sample), sitk.GetArrayViewFromImage(shared)), path.name
     # the first 12 + 12 training and 4 + 4 validation masks of each class, in their order, same keys
     full = np.load(SHARED / "adrenal" / "adrenalmnist3d_64_trainval.npz")
     subset = np.load(data / "adrenal" / "adrenalmnist3d_64_trainval_subset.npz")
