@@ -293,17 +293,19 @@ class ClassifyTask(BatchTask):
     result_columns = ["prediction", "probabilities"]
     roi = True
 
-    def __init__(self, model: str, device: str = "auto", registry: Optional[str] = None) -> None:
-        self.model, self.device, self.registry = model, device, registry
+    def __init__(self, model: str, device: str = "auto", registry: Optional[str] = None, prevalence: Optional[Dict[str, float]] = None) -> None:
+        self.model, self.device, self.registry, self.prevalence = model, device, registry, prevalence
         self.classifier: Any = None
 
     def prepare(self, progress: Progress) -> None:
         from Med3DFMLib.classify.job import Classifier
 
         self.classifier = Classifier.load(self.model, self.registry, self.device, progress)
+        if self.prevalence:
+            self.classifier.set_prevalence(self.prevalence)  # an impossible prior fails before any scan
 
     def request(self) -> Dict[str, Any]:
-        return {"model_sha256": self.classifier.provenance["sha256"] if self.classifier is not None else None}
+        return {"model_sha256": self.classifier.provenance["sha256"] if self.classifier is not None else None, "prevalence": self.prevalence or None}
 
     def run(self, row: BatchRow) -> Tuple[Dict[str, Path], Dict[str, str]]:
         from Med3DFMLib.classify.data import ListRow
@@ -311,7 +313,7 @@ class ClassifyTask(BatchTask):
         from Med3DFMLib.record import record_path_for
 
         record, _ = run_classify([ListRow(row.where, row.input, roi=row.roi)], self.model, row.output, device_name=self.device, registry=self.registry,
-                                 classifier=self.classifier)
+                                 classifier=self.classifier, prevalence=self.prevalence)
         table = _tsv_rows(row.output)  # the summary says what the output holds
         if len(table) != 1:
             raise Med3DFMError(f"{row.output.name} holds {len(table)} rows, expected 1")

@@ -18,8 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from Med3DFMLib.classify.model import STRIDE, cell_occupancy, log_weights, tokens_of
-from Med3DFMLib.classify.train import Example
+from Med3DFMLib.classify.model import LEVELS, STRIDE, cell_occupancy, log_weights, tokens_of
+from Med3DFMLib.classify.train import Example, View
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.fewshot.features import VolumeFeatures, cached_features
 from Med3DFMLib.io.tables import read_list_text, resolve_listed_path
@@ -40,12 +40,13 @@ def feature_window(shape: Sequence[int], largest: int = MAX_WINDOW, smallest: in
 @dataclass
 class ScanFeatures:
     image: sitk.Image
-    array: np.ndarray  # normalised model-grid volume (z, y, x)
+    array: np.ndarray  # normalised model-grid volume (z, y, x), flipped along x when `flipped`
     grid: sitk.Image
     features: VolumeFeatures
     window: int
     cache_hit: bool
     seconds: float
+    flipped: bool = False  # a left-right mirrored view (training augmentation)
 
 
 def scan_features(image: sitk.Image, encoder_module: torch.nn.Module, encoder_sha256: str, spec: InputSpec, device: torch.device, progress: Optional[Progress] = None, max_window: int = MAX_WINDOW) -> ScanFeatures:
@@ -54,6 +55,15 @@ def scan_features(image: sitk.Image, encoder_module: torch.nn.Module, encoder_sh
     window = feature_window(array.shape, max_window)
     features, hit = cached_features(encoder_module, encoder_sha256, array, window, device, progress)
     return ScanFeatures(image, array, grid, features, window, hit, time.perf_counter() - tick)
+
+
+def mirrored(scan: ScanFeatures, encoder_module: torch.nn.Module, encoder_sha256: str, device: torch.device) -> ScanFeatures:
+    """The same scan mirrored along x, with its own encoder features: an augmented view that reaches
+    the classifier although the encoder is frozen (features cannot be flipped after the fact)."""
+    tick = time.perf_counter()
+    array = np.ascontiguousarray(scan.array[:, :, ::-1])
+    features, hit = cached_features(encoder_module, encoder_sha256, array, scan.window, device)
+    return ScanFeatures(scan.image, array, scan.grid, features, scan.window, hit, time.perf_counter() - tick, flipped=True)
 
 
 def _binary_image(path: Path, name: str) -> sitk.Image:
@@ -79,27 +89,40 @@ def region_on_grid(path: Path, grid: sitk.Image, name: str = "ROI") -> np.ndarra
     return np.clip(on_grid, 0.0, 1.0)
 
 
-def occupancy(scan: ScanFeatures, roi: Optional[Path] = None) -> np.ndarray:
-    """Per-cell weights (d, h, w): the scan's own voxels, times the ROI when one is given."""
-    mask = np.ones(scan.array.shape, dtype=np.float32) if roi is None else region_on_grid(roi, scan.grid, "ROI")
-    return cell_occupancy(mask, tuple(scan.features.padded))
+def _region(scan: ScanFeatures, path: Optional[Path], name: str) -> np.ndarray:
+    """A region on the scan's model grid (the whole scan when no file is given), mirrored with the view."""
+    if path is None:
+        return np.ones(scan.array.shape, dtype=np.float32)
+    mask = region_on_grid(path, scan.grid, name)
+    return np.ascontiguousarray(mask[:, :, ::-1]) if scan.flipped else mask
 
 
-def full_tokens(scan: ScanFeatures, cells: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All tokens of the scan (N, C) and their log weights (N,) (−inf outside the region)."""
-    return tokens_of(scan.features.maps[STRIDE]), log_weights(cells)
+def occupancy(scan: ScanFeatures, roi: Optional[Path] = None) -> List[np.ndarray]:
+    """Per-cell weights (d, h, w) of every level: the scan's own voxels, times the ROI when one is given."""
+    mask = _region(scan, roi, "ROI")
+    return [cell_occupancy(mask, tuple(scan.features.padded), stride) for stride in LEVELS]
 
 
-def make_example(scan: ScanFeatures, label: int, roi: Optional[Path] = None, mask: Optional[Path] = None) -> Example:
-    """Training example: only the cells inside the region are kept (smaller, faster batches)."""
+def full_tokens(scan: ScanFeatures, cells: Sequence[np.ndarray]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """All tokens of the scan per level ((N, C) each) and their log weights ((N,), −inf outside the region)."""
+    return [tokens_of(scan.features.maps[s]) for s in LEVELS], [log_weights(c) for c in cells]
+
+
+def make_view(scan: ScanFeatures, roi: Optional[Path] = None, mask: Optional[Path] = None) -> View:
+    """One view for training: only the cells inside the region are kept (smaller, faster batches)."""
     cells = occupancy(scan, roi)
     tokens, weights = full_tokens(scan, cells)
-    keep = weights.isfinite()
+    keep = [w.isfinite() for w in weights]
     aux = None
     if mask is not None:
-        aux_cells = cell_occupancy(region_on_grid(mask, scan.grid, "mask"), tuple(scan.features.padded))
-        aux = torch.from_numpy(aux_cells.ravel().astype(np.float32))[keep]
-    return Example(tokens[keep].clone(), weights[keep].clone(), label, aux)
+        aux_cells = cell_occupancy(_region(scan, mask, "mask"), tuple(scan.features.padded), LEVELS[-1])
+        aux = torch.from_numpy(aux_cells.ravel().astype(np.float32))[keep[-1]]
+    return View([t[k].clone() for t, k in zip(tokens, keep)], [w[k].clone() for w, k in zip(weights, keep)], aux)
+
+
+def make_example(scans: Sequence[ScanFeatures], label: int, roi: Optional[Path] = None, mask: Optional[Path] = None) -> Example:
+    """A training example from one or more views of the same scan (the original and its mirror)."""
+    return Example([make_view(scan, roi, mask) for scan in scans], label)
 
 
 @dataclass

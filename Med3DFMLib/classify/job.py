@@ -18,9 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from Med3DFMLib.classify.data import ListRow, ScanFeatures, full_tokens, make_example, occupancy, scan_features
-from Med3DFMLib.classify.model import ClassifyAdapter, build_classify_adapter
-from Med3DFMLib.classify.train import train_classifier
+from Med3DFMLib.classify.data import ListRow, ScanFeatures, full_tokens, make_example, mirrored, occupancy, scan_features
+from Med3DFMLib.classify.model import LEVELS, ClassifyAdapter, build_classify_adapter
+from Med3DFMLib.classify.train import adjusted_for_prevalence, deployment_prevalence, train_classifier
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.fewshot.adapt import DEFAULT_ENCODER
 from Med3DFMLib.inference import choose_device
@@ -48,9 +48,11 @@ def run_adapt_classify(
     aux_weight: float = 0.5,
     max_steps: Optional[int] = None,
     progress: Optional[Progress] = None,
+    mirror: bool = True,
 ) -> Dict[str, Any]:
     """Learn a classification adapter from labelled scans (each row: image, class, optional ROI
-    to pool inside, optional mask of the evidence for auxiliary supervision)."""
+    to pool inside, optional mask of the evidence for auxiliary supervision). `mirror`: also train
+    on each scan mirrored left-right (its own encoder pass), the augmentation frozen features allow."""
     from Med3DFMLib.fewshot.adapt import load_encoder, slugify
     from Med3DFMLib.weights import write_weights
 
@@ -79,7 +81,7 @@ def run_adapt_classify(
                 raise Med3DFMError(f"{row.where}: {label} not found: {path}")
 
     record = new_record("adapt")
-    record["parameters"] = {"task": "classify", "name": name, "encoder": encoder_spec, "examples": len(rows), "classes": classes, "seed": seed}
+    record["parameters"] = {"task": "classify", "name": name, "encoder": encoder_spec, "examples": len(rows), "classes": classes, "seed": seed, "mirror": mirror}
     started = time.perf_counter()
     device = choose_device(device_name)
     progress.update("load", 0.0, "loading encoder")
@@ -90,7 +92,8 @@ def run_adapt_classify(
         try:
             image = read_volume(row.image)
             scan = scan_features(image, encoder.module, encoder.sha256, encoder.spec, device)
-            examples.append(make_example(scan, classes.index(row.class_name), row.roi, row.mask))
+            views = [scan, mirrored(scan, encoder.module, encoder.sha256, device)] if mirror else [scan]
+            examples.append(make_example(views, classes.index(row.class_name), row.roi, row.mask))
         except Med3DFMError as err:
             raise _where(row.where, err) from None
         hits += int(scan.cache_hit)
@@ -113,7 +116,7 @@ def run_adapt_classify(
         "classes": classes,
         "encoder": {"id": encoder.id, "version": encoder.version, "sha256": encoder.sha256},
         "input": encoder.spec.to_card(),
-        "features": {"stride": 16, "channels": "graph + token", "window": "scan size rounded up to 16, between 64 and 128 voxels"},
+        "features": {"levels": list(LEVELS), "channels": "graph (strides 4, 8, 16) + ViT tokens (stride 16)", "window": "scan size rounded up to 16, between 64 and 128 voxels", "augmentation": "left-right mirrored view" if mirror else "none"},
         "temperature": calibration["temperature"],
         "calibration": calibration,
         "training": {"images": [Path(r.image).name for r in rows], "rois": sum(r.roi is not None for r in rows), "summary": summary, "seconds": round(time.perf_counter() - started, 2)},
@@ -136,16 +139,16 @@ class Prepared:
     """A scan ready for the adapter: features, region weights and the full token grid."""
 
     scan: ScanFeatures
-    cells: np.ndarray  # (d, h, w) occupancy
-    tokens: torch.Tensor  # (N, C)
-    log_weight: torch.Tensor  # (N,)
+    cells: List[np.ndarray]  # per level (d, h, w) occupancy
+    tokens: List[torch.Tensor]  # per level (N, C)
+    log_weight: List[torch.Tensor]  # per level (N,)
 
 
 @dataclass
 class Prediction:
     logits: np.ndarray  # (K,) before temperature
-    probabilities: np.ndarray  # (K,) after temperature
-    attention: np.ndarray  # (Q, d, h, w)
+    probabilities: np.ndarray  # (K,) after temperature (and the deployment prevalence, if given)
+    attention: List[np.ndarray]  # per level (K, q, d, h, w): each class's own queries
 
     def label(self, classes: Sequence[str]) -> str:
         return classes[int(np.argmax(self.probabilities))]
@@ -160,6 +163,14 @@ class Classifier:
         self.temperature = float(card.get("temperature", 1.0))
         self.calibration: Dict[str, Any] = dict(card.get("calibration", {"calibrated": False, "note": "no calibration in the card"}))
         self.spec = InputSpec.from_card(card["input"])
+        self.training_prevalence: Dict[str, float] = dict(self.calibration.get("training_prevalence") or {})
+        self.prevalence: Optional[List[float]] = None  # deployment prior, when the user gave one
+
+    def set_prevalence(self, given: Dict[str, float]) -> None:
+        """Adjust probabilities to a deployment prevalence (prior shift), e.g. {'mass': 0.2}."""
+        if not self.training_prevalence:
+            raise Med3DFMError("this adapter's card does not state its training prevalence, so --prevalence cannot adjust it; learn it again with `med3dfm adapt --task classify`")
+        self.prevalence = deployment_prevalence(self.classes, self.training_prevalence, given)
 
     @classmethod
     def load(cls, spec: str, registry: Optional[str] = None, device_name: str = "auto", progress: Optional[Progress] = None) -> "Classifier":
@@ -189,10 +200,13 @@ class Classifier:
 
     def predict(self, prepared: Prepared) -> Prediction:
         with torch.no_grad():
-            logits, attention, _ = self.adapter(prepared.tokens[None], prepared.log_weight[None])
+            logits, attention, _ = self.adapter([t[None] for t in prepared.tokens], [w[None] for w in prepared.log_weight])
         logits = logits[0]
-        grid = prepared.cells.shape
-        return Prediction(logits.numpy(), (logits / self.temperature).softmax(0).numpy(), attention[0].reshape(-1, *grid).numpy())
+        probabilities = (logits / self.temperature).softmax(0).numpy()
+        if self.prevalence is not None:
+            probabilities = adjusted_for_prevalence(probabilities, [self.training_prevalence[c] for c in self.classes], self.prevalence).astype(np.float32)
+        maps = [a[0].reshape(a.shape[1], a.shape[2], *cells.shape).numpy() for a, cells in zip(attention, prepared.cells)]
+        return Prediction(logits.numpy(), probabilities, maps)
 
     def class_index(self, name: Optional[str], prediction: Optional[Prediction] = None) -> int:
         if name is None:
@@ -205,7 +219,12 @@ class Classifier:
 
     def calibration_comment(self) -> str:
         flag = "calibrated" if self.calibration.get("calibrated") else "NOT calibrated"
-        return f"probabilities {flag}: {self.calibration.get('note', '')}"
+        prior = ""
+        if self.training_prevalence:
+            prior = "; training prevalence " + ", ".join(f"{c} {self.training_prevalence[c]:.3g}" for c in self.classes)
+            if self.prevalence is not None:
+                prior += "; adjusted to the deployment prevalence " + ", ".join(f"{c} {p:.3g}" for c, p in zip(self.classes, self.prevalence))
+        return f"probabilities {flag}: {self.calibration.get('note', '')}{prior}"
 
 
 def run_classify(
@@ -220,10 +239,13 @@ def run_classify(
     progress: Optional[Progress] = None,
     stop_on_error: bool = False,
     classifier: Optional[Classifier] = None,
+    prevalence: Optional[Dict[str, float]] = None,
 ) -> Tuple[Dict[str, Any], int]:
     """Score scans into a TSV (rewritten after every row); returns (record, number of failed rows).
 
     `classifier`: the adapter of `model_spec` already loaded (a batch loads it once for all scans).
+    `prevalence`: deployment prevalence of some classes ({name: share}); probabilities are adjusted
+    from the training prevalence the card states.
     """
     progress = progress or Progress("none")
     output = Path(output)
@@ -242,6 +264,9 @@ def run_classify(
     progress.update("load", 0.0, f"loading model {model_spec}")
     if classifier is None:
         classifier = Classifier.load(model_spec, registry, device_name, progress)
+    if prevalence:
+        classifier.set_prevalence(prevalence)
+        record["parameters"]["prevalence"] = dict(zip(classifier.classes, classifier.prevalence or []))
     target_index = classifier.class_index(target) if target is not None else None
     record["model"] = classifier.provenance
     record["calibration"] = classifier.calibration

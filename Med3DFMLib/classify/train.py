@@ -2,8 +2,10 @@
 
 Few labelled scans cannot spare a separate calibration set, so every example is used twice:
 K-fold cross-fitting (K = min(5, smallest class count)) trains K adapters, each scoring the fold it
-did not see. Those out-of-fold logits choose the number of training steps and fit the temperature;
-the final adapter then trains on all examples for that many steps. With fewer than
+did not see. Those out-of-fold logits choose the number of training steps and fit the temperature,
+and the shipped model is the ensemble of those K fold models at that step, so the temperature
+belongs to the models that are applied. The ECE reported as held out scales each fold with a
+temperature fitted on the other folds only. With fewer than
 `MIN_CALIBRATION_PER_CLASS` examples in some class the fitted temperature is not trusted: it may
 only soften (T ≥ 1), and the result is marked as not calibrated.
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from Med3DFMLib.classify.model import ClassifyAdapter
+from Med3DFMLib.classify.model import ClassifyAdapter, PoolingHead
 from Med3DFMLib.cpu import flush_denormals, single_thread
 from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.progress import Progress
@@ -29,39 +31,52 @@ MAX_FOLDS = 5
 
 
 @dataclass
+class View:
+    """One view of a scan as the adapter sees it: per level, the tokens inside the region and their weights."""
+
+    tokens: List[torch.Tensor]  # per level (N, C) raw features of the cells inside the region
+    log_weight: List[torch.Tensor]  # per level (N,) log occupancy
+    aux: Optional[torch.Tensor] = None  # (N_16,) fraction of each stride-16 cell inside the evidence mask
+
+
+@dataclass
 class Example:
-    """One scan (or region) as the adapter sees it: its tokens inside the region and their weights."""
+    """A labelled scan (or region): its views (the original first, then augmented ones)."""
 
-    tokens: torch.Tensor  # (N, C) raw stride-16 features of the cells inside the region
-    log_weight: torch.Tensor  # (N,) log occupancy
+    views: List[View]
     label: int
-    aux: Optional[torch.Tensor] = None  # (N,) fraction of each cell inside the evidence mask
+
+    @property
+    def has_aux(self) -> bool:
+        return self.views[0].aux is not None
 
 
-def _batch(examples: Sequence[Example], token_drop: float, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    tokens = pad_sequence([e.tokens for e in examples], batch_first=True)
-    weights = pad_sequence([e.log_weight for e in examples], batch_first=True, padding_value=-float("inf"))
-    aux = pad_sequence([e.aux if e.aux is not None else torch.full((e.tokens.shape[0],), -1.0) for e in examples], batch_first=True, padding_value=-1.0)
-    if token_drop > 0:
-        # Drop random cells (never all of one example): the frozen features cannot be augmented
-        # by transforming the scan, but the pooling can be taught not to rely on one cell.
-        finite = weights.isfinite()
-        drop = (torch.rand(weights.shape, generator=generator) < token_drop) & finite
-        emptied = ~(finite & ~drop).any(1, keepdim=True)
-        drop &= ~emptied
-        weights = weights.masked_fill(drop, -float("inf"))
-    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-    return tokens, weights, labels, aux, torch.tensor([e.aux is not None for e in examples])
+def _batch(views: Sequence[View], token_drop: float, generator: Optional[torch.Generator]) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
+    """Padded tokens and log weights per level, and the aux targets (−1 where there is none)."""
+    tokens, weights = [], []
+    for level in range(len(views[0].tokens)):
+        tokens.append(pad_sequence([v.tokens[level] for v in views], batch_first=True))
+        w = pad_sequence([v.log_weight[level] for v in views], batch_first=True, padding_value=-float("inf"))
+        if token_drop > 0:
+            # Drop random cells (never all of one example): the pooling is taught not to rely on one cell.
+            finite = w.isfinite()
+            drop = (torch.rand(w.shape, generator=generator) < token_drop) & finite
+            drop &= (finite & ~drop).any(1, keepdim=True)
+            w = w.masked_fill(drop, -float("inf"))
+        weights.append(w)
+    aux = pad_sequence([v.aux if v.aux is not None else torch.full((v.tokens[-1].shape[0],), -1.0) for v in views], batch_first=True, padding_value=-1.0)
+    return tokens, weights, aux
 
 
-def predict_logits(model: ClassifyAdapter, examples: Sequence[Example], batch: int = 64) -> torch.Tensor:
+def predict_logits(model: torch.nn.Module, examples: Sequence[Example], batch: int = 64) -> torch.Tensor:
+    """Logits of each example's first (unaugmented) view."""
     model.eval()
     outputs = []
     with torch.no_grad():
         for start in range(0, len(examples), batch):
-            tokens, weights, _, _, _ = _batch(examples[start : start + batch], 0.0, None)
+            tokens, weights, _ = _batch([e.views[0] for e in examples[start : start + batch]], 0.0, None)
             outputs.append(model(tokens, weights)[0])
-    return torch.cat(outputs) if outputs else torch.zeros(0, model.num_classes)
+    return torch.cat(outputs) if outputs else torch.zeros(0, 2)
 
 
 def fit_adapter(
@@ -75,37 +90,40 @@ def fit_adapter(
     aux_weight: float = 0.5,
     checkpoints: Sequence[int] = (),
     held_out: Sequence[Example] = (),
-) -> Tuple[ClassifyAdapter, Dict[int, torch.Tensor]]:
-    """Train one adapter; returns it and the held-out logits at each checkpoint step."""
+) -> Tuple[PoolingHead, Dict[int, torch.Tensor], Dict[int, Dict[str, torch.Tensor]]]:
+    """Train one pooling head; returns it, the held-out logits and the weights at each checkpoint step."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = ClassifyAdapter(int(examples[0].tokens.shape[1]), num_classes)
-    every = torch.cat([e.tokens for e in examples])
-    model.mean.copy_(every.mean(0))
-    model.std.copy_(every.std(0).clamp_min(1e-3))
+    first = examples[0].views[0]
+    model = PoolingHead([t.shape[1] for t in first.tokens], num_classes)
+    model.set_statistics([torch.cat([v.tokens[level] for e in examples for v in e.views]) for level in range(len(first.tokens))])
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 20))
     recorded: Dict[int, torch.Tensor] = {}
+    states: Dict[int, Dict[str, torch.Tensor]] = {}
     wanted = set(checkpoints)
     for step in range(1, steps + 1):
         model.train()
-        chosen = torch.randperm(len(examples), generator=generator)[: min(batch, len(examples))]
-        tokens, weights, labels, aux, has_aux = _batch([examples[i] for i in chosen.tolist()], 0.25, generator)
-        noise = torch.randn(tokens.shape, generator=generator) * 0.1
-        logits, _, aux_logits = model.forward_standardised(model.standardise(tokens) + noise, weights)
-        loss = F.cross_entropy(logits, labels)
-        if aux_weight > 0 and bool(has_aux.any()):
-            valid = (aux >= 0) & weights.isfinite()
+        chosen = torch.randperm(len(examples), generator=generator)[: min(batch, len(examples))].tolist()
+        views = [examples[i].views[int(torch.randint(len(examples[i].views), (1,), generator=generator))] for i in chosen]
+        tokens, weights, aux = _batch(views, 0.25, generator)
+        noisy = [x + torch.randn(x.shape, generator=generator) * 0.1 for x in model.standardise(tokens)]
+        logits, _, aux_logits = model.forward_standardised(noisy, weights)
+        loss = F.cross_entropy(logits, torch.tensor([examples[i].label for i in chosen]))
+        if aux_weight > 0:
+            valid = (aux >= 0) & weights[-1].isfinite()
             if bool(valid.any()):
                 loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux_logits[valid], aux[valid])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
-        if step in wanted and held_out:
-            recorded[step] = predict_logits(model, held_out)
+        if step in wanted:
+            states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if held_out:
+                recorded[step] = predict_logits(model, held_out)
     model.eval()
-    return model, recorded
+    return model, recorded, states
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -196,11 +214,13 @@ def _train_classifier(examples: Sequence[Example], class_names: Sequence[str], s
     k = int(min(MAX_FOLDS, counts.min()))
     folds = _folds(labels, k, seed)
     oof = {c: torch.zeros(len(examples), len(class_names)) for c in checkpoints}
+    fold_states = []
     for index, held in enumerate(folds):
         if progress is not None:
-            progress.update("train", index / (k + 1), f"cross-fitting fold {index + 1} of {k}")
+            progress.update("train", index / k, f"cross-fitting fold {index + 1} of {k}")
         train_idx = np.setdiff1d(np.arange(len(examples)), held)
-        _, recorded = fit_adapter([examples[i] for i in train_idx], len(class_names), steps, seed + index + 1, aux_weight=aux_weight, checkpoints=checkpoints, held_out=[examples[i] for i in held])
+        _, recorded, states = fit_adapter([examples[i] for i in train_idx], len(class_names), steps, seed + index + 1, aux_weight=aux_weight, checkpoints=checkpoints, held_out=[examples[i] for i in held])
+        fold_states.append(states)
         for step, logits in recorded.items():
             oof[step][torch.from_numpy(held)] = logits
     target = torch.from_numpy(labels)
@@ -209,37 +229,88 @@ def _train_classifier(examples: Sequence[Example], class_names: Sequence[str], s
         temperature = fit_temperature(oof[step], target)
         scored.append((float(F.cross_entropy(oof[step] / temperature, target)), step, temperature))
     best_nll, best_step, fitted = min(scored)
-    if progress is not None:
-        progress.update("train", k / (k + 1), f"final adapter on all {len(examples)} examples, {best_step} steps")
-    model, _ = fit_adapter(examples, len(class_names), best_step, seed, aux_weight=aux_weight)
+    # The shipped model is the ensemble of the fold models at the chosen step: the out-of-fold
+    # logits that fitted the temperature came from these very models.
+    first = examples[0].views[0]
+    model = ClassifyAdapter([t.shape[1] for t in first.tokens], len(class_names), members=k)
+    for member, states in zip(model.members, fold_states):
+        member.load_state_dict(states[best_step])
+    model.eval()
     trusted = bool(counts.min() >= MIN_CALIBRATION_PER_CLASS)
     temperature = fitted if trusted else max(fitted, 1.0)
-    raw = oof[best_step].softmax(1).numpy()
-    scaled = (oof[best_step] / temperature).softmax(1).numpy()
+    logits = oof[best_step]
+    raw = logits.softmax(1).numpy()
+    scaled = (logits / temperature).softmax(1).numpy()
+    held_out_scaled = calibrated_on_other_folds(logits, target, folds, trusted)
     if trusted:
-        note = f"temperature {temperature:.3g} fitted on {len(examples)} out-of-fold predictions ({k}-fold cross-fitting)"
+        note = f"temperature {temperature:.3g} fitted on {len(examples)} out-of-fold predictions of the {k} shipped fold models"
     else:
         note = (
             f"not calibrated: only {int(counts.min())} example(s) in the smallest class (at least {MIN_CALIBRATION_PER_CLASS} needed); "
             f"temperature {temperature:.3g} from {k}-fold cross-fitting, allowed only to soften"
         )
+    prevalence = {name: round(float(c / len(examples)), 4) for name, c in zip(class_names, counts)}
     summary = {
         "examples": int(len(examples)),
+        "views": int(len(examples[0].views)),
         "per_class": {name: int(c) for name, c in zip(class_names, counts)},
         "folds": k,
+        "members": k,
         "steps": int(best_step),
         "max_steps": int(steps),
-        "aux_masks": int(sum(e.aux is not None for e in examples)),
-        "aux_weight": aux_weight if any(e.aux is not None for e in examples) else 0.0,
+        "aux_masks": int(sum(e.has_aux for e in examples)),
+        "aux_weight": aux_weight if any(e.has_aux for e in examples) else 0.0,
         "out_of_fold": {
             "nll": round(best_nll, 4),
             "accuracy": round(float((raw.argmax(1) == labels).mean()), 4),
             "auroc": round(macro_auroc(raw, labels), 4),
             "ece_before": round(expected_calibration_error(raw, labels), 4),
             "ece_after": round(expected_calibration_error(scaled, labels), 4),
+            "ece_held_out": round(expected_calibration_error(held_out_scaled, labels), 4),
         },
         "seconds": round(time.perf_counter() - started, 2),
     }
-    calibration = {"calibrated": trusted, "temperature": round(temperature, 4), "fitted_temperature": round(fitted, 4), "method": "temperature scaling on out-of-fold predictions", "note": note}
+    calibration = {
+        "calibrated": trusted, "temperature": round(temperature, 4), "fitted_temperature": round(fitted, 4),
+        "method": "temperature scaling on the out-of-fold predictions of the shipped fold models",
+        "ece_held_out": summary["out_of_fold"]["ece_held_out"], "training_prevalence": prevalence, "note": note,
+    }
     summary["calibration"] = calibration
     return model, temperature, summary
+
+
+def calibrated_on_other_folds(logits: torch.Tensor, labels: torch.Tensor, folds: Sequence[np.ndarray], trusted: bool = True) -> np.ndarray:
+    """Probabilities of each fold's out-of-fold logits under a temperature fitted on the other folds
+    only: predictions on data used for neither training nor calibration, for an honest ECE."""
+    scaled = np.zeros(tuple(logits.shape), dtype=np.float32)
+    for held in folds:
+        others = torch.from_numpy(np.setdiff1d(np.arange(len(labels)), held))
+        t = fit_temperature(logits[others], labels[others])
+        scaled[held] = (logits[torch.from_numpy(held)] / (t if trusted else max(t, 1.0))).softmax(1).numpy()
+    return scaled
+
+
+def adjusted_for_prevalence(probabilities: np.ndarray, training: Sequence[float], deployment: Sequence[float]) -> np.ndarray:
+    """Bayes' rule for a prior shift: p'(k|x) ∝ p(k|x) · π'_k / π_k (probabilities (..., K))."""
+    ratio = np.asarray(deployment, dtype=np.float64) / np.asarray(training, dtype=np.float64)
+    adjusted = np.asarray(probabilities, dtype=np.float64) * ratio
+    return adjusted / adjusted.sum(-1, keepdims=True)
+
+
+def deployment_prevalence(classes: Sequence[str], training: Dict[str, float], given: Dict[str, float]) -> List[float]:
+    """The prior of every class from the ones a user gave (the rest share what is left in their
+    training proportions); one-line errors for unknown classes and impossible values."""
+    lookup = {c.lower(): c for c in classes}
+    chosen: Dict[str, float] = {}
+    for name, value in given.items():
+        if name.strip().lower() not in lookup:
+            raise Med3DFMError(f"--prevalence names unknown class {name!r}; this model's classes are: {', '.join(classes)}")
+        if not 0.0 < value < 1.0:
+            raise Med3DFMError(f"--prevalence {name}={value}: a prevalence lies strictly between 0 and 1")
+        chosen[lookup[name.strip().lower()]] = float(value)
+    rest = [c for c in classes if c not in chosen]
+    left = 1.0 - sum(chosen.values())
+    if (rest and left <= 0) or (not rest and abs(left) > 1e-6):
+        raise Med3DFMError(f"--prevalence values must leave a share for every class and sum to 1 (given: {', '.join(f'{k}={v}' for k, v in chosen.items())})")
+    share = sum(training[c] for c in rest)
+    return [chosen[c] if c in chosen else left * training[c] / share for c in classes]

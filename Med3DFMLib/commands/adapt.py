@@ -36,6 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     adapt.add_argument("--segment", type=Path, help="also segment the first image with the new adapter into this .seg.nrrd")
     adapt.add_argument("--no-registration", action="store_true", help="decoder: keep no labelled images in the adapter file (by default the labelled "
                        "volumes are kept and registered onto each new scan to vote for its labels; the file is then as private as those images)")
+    adapt.add_argument("--no-mirror", action="store_true", help="classify: do not also train on each scan mirrored left-right (for a task where left and right differ)")
     adapt.add_argument("--no-propagate", action="store_true", help="--segment: the adapter's answer alone, without the painted outlines and the image's edges")
     add_device_option(adapt)
     adapt.add_argument("--seed", type=int, default=0)
@@ -52,8 +53,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         return _run_classifier(args, progress)
     from Med3DFMLib.fewshot.adapt import run_adapt
 
-    if args.classes or args.list or args.roi:
-        raise Med3DFMError("--class, --roi and --list belong to --task classify")
+    if args.classes or args.list or args.roi or args.no_mirror:
+        raise Med3DFMError("--class, --roi, --list and --no-mirror belong to --task classify")
     args.image, args.labels = args.image or [], args.labels or []
     if not args.image or not args.labels:
         raise Med3DFMError("adapt needs --image and --labels (one --labels per --image)")
@@ -94,13 +95,13 @@ def _run_classifier(args: argparse.Namespace, progress: Progress) -> int:
             raise Med3DFMError(f"give an --roi for every --image or for none ({len(images)} images, {len(rois)} ROIs)")
         rows = [ListRow(f"--image {i + 1} ({image.name})", image, cls, rois[i] if rois else None) for i, (image, cls) in enumerate(zip(images, classes))]
     record = run_adapt_classify(rows, args.name, args.output, encoder_spec=args.encoder, device_name=args.device, registry=args.registry,
-                                seed=args.seed, progress=progress)
+                                seed=args.seed, progress=progress, mirror=not args.no_mirror)
     if progress.mode != "json":
         calibration = record["calibration"]
         oof = record["training"]["out_of_fold"]
         print(
             f"wrote {args.output} ({record['adapter']['parameters']} parameters, classes {', '.join(record['adapter']['classes'])}; "
-            f"cross-validated accuracy {oof['accuracy']:.3f}, AUROC {oof['auroc']:.3f}; "
+            f"cross-validated accuracy {oof['accuracy']:.3f}, AUROC {oof['auroc']:.3f}, held-out ECE {oof['ece_held_out']:.3f}; "
             f"{'calibrated' if calibration['calibrated'] else 'not calibrated'}, T={calibration['temperature']:.3g}) in {record['timings_s']['total']:.1f} s"
         )
     return 0

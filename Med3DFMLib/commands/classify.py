@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Dict, List, Optional
 
 from Med3DFMLib.batch import add_output_dir_option, check_batch_arguments
 from Med3DFMLib.commands.options import add_common_options, add_device_option, add_licence_option
@@ -29,10 +30,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     classify.add_argument("--heatmap", type=Path, help="also write a heatmap (float .nrrd on the input grid) for the predicted class")
     classify.add_argument("--heatmap-method", choices=["attention", "gradcam", "occlusion"], default="attention", help="attention (instant), gradcam, occlusion (slow reference)")
     classify.add_argument("--target", help="class the heatmap explains (default: the predicted class)")
+    classify.add_argument("--prevalence", action="append", metavar="CLASS=P", help="expected share of CLASS among the scans to classify (repeatable); "
+                          "probabilities are adjusted from the training prevalence the model's card states")
     add_device_option(classify)
     add_licence_option(classify)
     add_common_options(classify)
     return classify
+
+
+def parse_prevalence(values: Optional[List[str]]) -> Optional[Dict[str, float]]:
+    """{'mass': 0.2} from ['mass=0.2'] (None when none was given); one-line errors."""
+    if not values:
+        return None
+    parsed: Dict[str, float] = {}
+    for value in values:
+        name, sep, number = value.partition("=")
+        try:
+            parsed[name.strip()] = float(number)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise Med3DFMError(f"--prevalence {value!r}: write CLASS=P, e.g. --prevalence mass=0.2")
+    return parsed
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
@@ -45,7 +64,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         from Med3DFMLib.batch import ClassifyTask, run_batch_command
 
         require_for(args.model, args.accept_licence, args.registry)  # before any scan is read
-        return run_batch_command(ClassifyTask(args.model, args.device, args.registry), args, progress)
+        return run_batch_command(ClassifyTask(args.model, args.device, args.registry, parse_prevalence(args.prevalence)), args, progress)
     if (args.input is None) == (args.list is None):
         raise Med3DFMError("give either one scan or --list FILE.csv")
     if args.output is None:
@@ -57,7 +76,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     else:
         rows = [ListRow(str(args.input), args.input, roi=args.roi)]
     require_for(args.model, args.accept_licence, args.registry)
-    record, failed = run_classify(rows, args.model, args.output, args.heatmap, args.heatmap_method, args.target, args.device, args.registry, progress)
+    record, failed = run_classify(rows, args.model, args.output, args.heatmap, args.heatmap_method, args.target, args.device, args.registry, progress,
+                                  prevalence=parse_prevalence(args.prevalence))
     if progress.mode != "json":
         if len(rows) == 1 and not failed:
             result = record["results"][0]

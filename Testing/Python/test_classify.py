@@ -80,6 +80,10 @@ def test_adapt_cli_with_image_class_pairs_and_cache(adrenal, tmp_path):
     assert card["classes"] == ["normal", "mass"] and card["training"]["summary"]["folds"] == 2
 
 
+def summary_members(card) -> int:
+    return int(card["architecture"]["members"])
+
+
 def test_card_and_record(model):
     from Med3DFMLib.registry import resolve_model
     from Med3DFMLib.weights import read_weights
@@ -92,7 +96,8 @@ def test_card_and_record(model):
     assert card["input"]["spacing"] and card["temperature"] >= 1.0  # 6 per class: may only soften
     assert card["calibration"]["calibrated"] is False and "not calibrated" in card["calibration"]["note"]
     assert 10_000 < card["parameters"] <= 1_000_000
-    assert card["parameters"] == sum(t.numel() for k, t in tensors.items() if k not in ("mean", "std"))
+    buffers = {k for k in tensors if k.rsplit(".", 1)[-1].rstrip("0123456789") in ("mean", "std")}  # the channel statistics
+    assert len(buffers) == 2 * 3 * summary_members(card) and card["parameters"] == sum(t.numel() for k, t in tensors.items() if k not in buffers)
     summary = card["training"]["summary"]
     assert summary["examples"] == 2 * PER_CLASS and summary["folds"] == min(5, PER_CLASS)
     record = json.loads(model.with_suffix(".json").read_text())
@@ -134,9 +139,9 @@ def test_adapter_fits_its_training_scans(adrenal, model):
     examples = []
     for name, cls in adrenal["train_rows"]:
         scan = scan_features(read_volume(adrenal["folder"] / name), encoder.module, encoder.sha256, encoder.spec, torch.device("cpu"))
-        examples.append(make_example(scan, int(cls == "mass")))
+        examples.append(make_example([scan], int(cls == "mass")))
     with single_thread():
-        adapter, _ = fit_adapter(examples, 2, steps=150)
+        adapter, _, _ = fit_adapter(examples, 2, steps=150)
         logits = predict_logits(adapter, examples).numpy()
     labels = np.array([e.label for e in examples])
     assert auroc(logits[:, 1] - logits[:, 0], labels == 1) >= 0.95
@@ -232,11 +237,12 @@ def test_roi_pooling_in_physical_space(breast, model):
     whole = classifier.prepare(image)
     inside = classifier.prepare(image, breast["roi"])
     moved = classifier.prepare(image, breast["folder"] / "roi_other_grid.nrrd")
-    assert (inside.cells > 0).sum() < (whole.cells > 0).sum()
     attention = classifier.predict(inside).attention
-    assert np.all(attention[:, inside.cells == 0] == 0) and np.allclose(attention.sum(axis=(1, 2, 3)), 1, atol=1e-5)
-    # The same ROI on another grid selects the same cells and gives nearly the same answer.
-    assert np.array_equal(inside.cells > 0, moved.cells > 0)
+    for level, cells in enumerate(inside.cells):  # every level pools inside the ROI only, each query's weights sum to 1
+        assert (cells > 0).sum() < (whole.cells[level] > 0).sum()
+        assert np.all(attention[level][:, :, cells == 0] == 0) and np.allclose(attention[level].sum(axis=(2, 3, 4)), 1, atol=1e-5)
+        # The same ROI on another grid selects the same cells.
+        assert np.array_equal(cells > 0, moved.cells[level] > 0)
     assert np.allclose(classifier.predict(inside).probabilities, classifier.predict(moved).probabilities, atol=0.02)
     with pytest.raises(Med3DFMError, match="empty"):
         classifier.prepare(image, breast["folder"] / "empty.nrrd")
@@ -257,3 +263,108 @@ def test_calibration_helpers():
     before = expected_calibration_error(overconfident.softmax(1).numpy(), labels.numpy())
     after = expected_calibration_error((overconfident / t).softmax(1).numpy(), labels.numpy())
     assert after < before / 2
+
+
+def test_shipped_model_is_the_mean_of_its_fold_models(adrenal, model):
+    """The applied path (Classifier.predict on a whole scan) is the ensemble of the cross-fitting
+    fold models whose out-of-fold logits fitted the temperature, each member the very head that trained."""
+    from Med3DFMLib.classify.job import Classifier
+    from Med3DFMLib.classify.train import predict_logits
+    from Med3DFMLib.classify.data import make_example
+    from Med3DFMLib.io.volumes import read_volume
+
+    classifier = Classifier.load(str(model), device_name="cpu")
+    assert len(classifier.adapter.members) == classifier.card["training"]["summary"]["folds"] == min(5, PER_CLASS)
+    prepared = classifier.prepare(read_volume(adrenal["scans"][2]))
+    prediction = classifier.predict(prepared)
+    members = torch.stack([predict_logits(m, [make_example([prepared.scan], 0)])[0] for m in classifier.adapter.members])
+    assert np.allclose(prediction.logits, members.mean(0).numpy(), atol=1e-5)
+    assert members.std(0).max() > 1e-4  # the members differ: an ensemble, not one model copied
+    assert np.allclose(prediction.probabilities, torch.softmax(members.mean(0) / classifier.temperature, 0).numpy(), atol=1e-5)
+
+
+def test_each_class_has_its_own_attention_map(adrenal, model):
+    """Class-specific queries: the heatmap of 'normal' is not the heatmap of 'mass' (it was one map
+    shared by every class before), and both stay inside the scan."""
+    from Med3DFMLib.classify.job import Classifier
+    from Med3DFMLib.explain.classification import attention_on_grid
+    from Med3DFMLib.io.volumes import read_volume
+
+    classifier = Classifier.load(str(model), device_name="cpu")
+    prepared = classifier.prepare(read_volume(adrenal["scans"][2]))
+    attention = classifier.predict(prepared).attention
+    assert [a.shape[:2] for a in attention] == [(2, classifier.adapter.queries_per_class)] * 3
+    shape = tuple(prepared.scan.array.shape)
+    normal, mass = attention_on_grid(attention, 0, shape), attention_on_grid(attention, 1, shape)
+    assert normal.shape == mass.shape == shape
+    # Shared queries would give identical maps; after the fixture's 80 steps the class queries have
+    # only begun to part, so the test asks for a difference, not for a large one.
+    assert np.abs(normal - mass).max() > 1e-3
+
+
+def test_held_out_calibration_never_sees_the_fold_it_scores():
+    """The ECE reported as held out scales each fold with a temperature fitted on the other folds:
+    changing a fold's own logits changes its probabilities only through those logits."""
+    from Med3DFMLib.classify.train import _folds, calibrated_on_other_folds, fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (200,), generator=generator)
+    logits = (torch.randn(200, 2, generator=generator) + torch.nn.functional.one_hot(labels, 2) * 1.5) * 4
+    folds = _folds(labels.numpy(), 5, 0)
+    before = calibrated_on_other_folds(logits, labels, folds)
+    changed = logits.clone()
+    first = torch.from_numpy(folds[0])
+    changed[first] *= 10  # fold 0 made wildly over-confident
+    after = calibrated_on_other_folds(changed, labels, folds)
+    others = torch.from_numpy(np.concatenate(folds[1:]))
+    t0 = fit_temperature(logits[others], labels[others])
+    assert np.allclose(after[folds[0]], (changed[first] / t0).softmax(1).numpy(), atol=1e-6)
+    assert not np.allclose(after[folds[1]], before[folds[1]])  # the other folds' temperatures did see fold 0
+
+
+def test_prevalence_adjustment():
+    from Med3DFMLib.classify.train import adjusted_for_prevalence, deployment_prevalence
+
+    # Balanced training, 20 % deployment: odds scale by 0.2/0.8 / (0.5/0.5) = 0.25.
+    adjusted = adjusted_for_prevalence(np.array([[0.5, 0.5], [0.2, 0.8]]), [0.5, 0.5], [0.8, 0.2])
+    assert np.allclose(adjusted[:, 1] / adjusted[:, 0], [0.25, 1.0]) and np.allclose(adjusted.sum(1), 1)
+    assert deployment_prevalence(["normal", "mass"], {"normal": 0.5, "mass": 0.5}, {"Mass": 0.2}) == pytest.approx([0.8, 0.2])
+    assert deployment_prevalence(["a", "b", "c"], {"a": 0.5, "b": 0.25, "c": 0.25}, {"a": 0.2}) == pytest.approx([0.2, 0.4, 0.4])
+    with pytest.raises(Med3DFMError, match="unknown class 'cyst'"):
+        deployment_prevalence(["normal", "mass"], {"normal": 0.5, "mass": 0.5}, {"cyst": 0.1})
+    with pytest.raises(Med3DFMError, match="strictly between 0 and 1"):
+        deployment_prevalence(["normal", "mass"], {"normal": 0.5, "mass": 0.5}, {"mass": 1.0})
+
+
+def test_classify_with_a_deployment_prevalence(adrenal, model, tmp_path, capsys):
+    """--prevalence shifts every probability by Bayes' rule from the training prevalence the card
+    states (6 + 6 here) and says so in the table."""
+    rows = {}
+    for name, extra in (("plain", []), ("shifted", ["--prevalence", "mass=0.2"])):
+        out = tmp_path / f"{name}.tsv"
+        assert cli(["classify", "--list", str(adrenal["folder"] / "scans.csv"), "--model", str(model), "-o", str(out), *extra]) == 0
+        lines = out.read_text().splitlines()
+        table = [line.split("\t") for line in lines if not line.startswith("#")][1:]
+        rows[name] = np.array([[float(v) for v in row[2:]] for row in table])
+        if name == "shifted":
+            assert "training prevalence normal 0.5, mass 0.5; adjusted to the deployment prevalence normal 0.8, mass 0.2" in lines[0]
+    odds = lambda p: p[:, 1] / p[:, 0]  # noqa: E731
+    assert np.allclose(odds(rows["shifted"]), odds(rows["plain"]) * 0.25, rtol=1e-3)
+    assert cli(["classify", str(adrenal["scans"][0]), "--model", str(model), "-o", str(tmp_path / "r.tsv"), "--prevalence", "mass"]) == 1
+    assert "write CLASS=P" in capsys.readouterr().err
+
+
+def test_mirrored_view_mirrors_its_region(breast):
+    """The mirrored training view has its own encoder features and its ROI mirrored with it."""
+    from Med3DFMLib.classify.data import _region, mirrored, occupancy, scan_features
+    from Med3DFMLib.fewshot.adapt import load_encoder
+    from Med3DFMLib.io.volumes import read_volume
+
+    encoder = load_encoder()
+    scan = scan_features(read_volume(breast["image"]), encoder.module, encoder.sha256, encoder.spec, torch.device("cpu"))
+    mirror = mirrored(scan, encoder.module, encoder.sha256, torch.device("cpu"))
+    assert np.array_equal(mirror.array, scan.array[:, :, ::-1]) and mirror.flipped
+    assert not torch.allclose(mirror.features.maps[16], scan.features.maps[16])
+    original, flipped = _region(scan, breast["roi"], "ROI"), _region(mirror, breast["roi"], "ROI")
+    assert original.any() and np.array_equal(flipped, original[:, :, ::-1]) and not np.array_equal(flipped, original)
+    assert occupancy(mirror, breast["roi"])[0].sum() == pytest.approx(occupancy(scan, breast["roi"])[0].sum(), rel=1e-5)
