@@ -170,6 +170,8 @@ def adrenal(work: Path, draws: int, settings: Sequence[int], resnet_draws: int, 
             "adapter_auroc": agg(lambda e: e["after"]["auroc"]),
             "adapter_accuracy": agg(lambda e: e["at_deployment_prevalence"]["accuracy"]),
             "adapter_ece": agg(lambda e: e["at_deployment_prevalence"]["ece"]),
+            "ece_before": agg(lambda e: e["before"]["ece"]),
+            "ece_after": agg(lambda e: e["after"]["ece"]),
             "adapter_oof_auroc": agg(lambda e: e["out_of_fold"]["auroc"]),
             "adapter_oof_ece_held_out": agg(lambda e: e["out_of_fold"]["ece_held_out"]),
             "lr_auroc": agg(lambda e: e["baselines"]["logistic_regression"]["auroc"]),
@@ -504,8 +506,13 @@ def main() -> None:
     if not args.skip_lesions:
         results["lesions"] = lesions(work, args.lesion_crops, args.occlusion)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    name = "classification_eval.json" if not args.skip_adrenal else "classification_eval_lesions.json"
-    (args.out / name).write_text(json.dumps(results, indent=1) + "\n")
+    # A run of one part (--skip-adrenal / --skip-lesions) keeps the other part of the existing file.
+    path = args.out / "classification_eval.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    seconds = merged.get("seconds") if isinstance(merged.get("seconds"), dict) else {}
+    merged.update({k: v for k, v in results.items() if k != "seconds"})
+    merged["seconds"] = {**seconds, **{part: results["seconds"] for part in ("adrenal", "lesions") if part in results}}
+    path.write_text(json.dumps(merged, indent=1) + "\n")
     print(f"done in {results['seconds']:.0f} s; work folder {work}")
 
 

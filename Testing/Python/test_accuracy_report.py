@@ -111,7 +111,7 @@ def test_classification_numbers(report: str, classification: dict) -> None:
             mean, std = summary[name]["mean"], summary[name]["std"]
             expected = f"{mean:.3f} ± {std:.3f}" if summary["draws"] > 1 else f"{mean:.3f}"
             assert expected in cells, (key, name, cells)
-        resnet = draws[0]["baselines"].get("resnet10")
+        resnet = draws[0]["baselines"].get("resnet10_1x")
         if resnet:
             assert any(c.startswith(f"{resnet['auroc']:.3f} / {resnet['accuracy']:.3f}") for c in cells), (key, cells)
     majority = max(adrenal["val_per_class"]) / sum(adrenal["val_per_class"])
