@@ -598,7 +598,13 @@ class Med3DFMWidget(ModelsPanelMixin, ScriptedLoadableModuleWidget, VTKObservati
     def onClassifyButton(self) -> None:
         node = self._parameterNode
         method = None if node.heatmapMethod == "none" else node.heatmapMethod
-        self._startClassifyJob(node.classifierId, lambda: self.logic.startClassify(node.inputVolume, node.classifierId, node.classifyRoi, method, node.device))
+        try:
+            jobs.parse_prevalence_text(node.classifyPrevalence)
+        except ValueError as error:  # a typing slip: said beside the button, nothing started
+            self.ui.classifyStatusLabel.text = _("Not started: {message}").format(message=error)
+            return
+        self._startClassifyJob(node.classifierId, lambda: self.logic.startClassify(node.inputVolume, node.classifierId, node.classifyRoi, method, node.device,
+                                                                                   node.classifyPrevalence))
 
     def onExplainButton(self) -> None:
         node = self._parameterNode

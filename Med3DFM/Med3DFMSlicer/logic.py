@@ -426,11 +426,13 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         return region
 
     def startClassify(self, volumeNode, modelId: str, roiSegmentationNode=None, heatmapMethod: Optional[str] = "attention",
-                      device: str = "auto") -> "jobs.Job":
+                      device: str = "auto", prevalence: str = "") -> "jobs.Job":
         """Start `classify` in the background (optionally inside the visible segments of a segmentation,
-        optionally with a heatmap); poll job.poll(), then finishClassify(job)."""
+        optionally with a heatmap, optionally adjusted to the expected share of the classes, e.g.
+        "mass=0.2"); poll job.poll(), then finishClassify(job)."""
         if not modelId:
             raise ValueError(_("Choose a classification adapter (import one in the Models section)."))
+        jobs.parse_prevalence_text(prevalence)  # a typing slip is named before the volume is exported
 
         def build(folder: Path, inputPath: Path):
             roi = None
@@ -440,7 +442,7 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
             table = folder / "result.tsv"
             heatmap = folder / "heatmap.nrrd" if heatmapMethod else None
             command = jobs.classify_command(self.pythonExecutable(), inputPath, table, modelId, device, roi=roi, heatmap=heatmap,
-                                            heatmap_method=heatmapMethod or "attention")
+                                            heatmap_method=heatmapMethod or "attention", prevalence=prevalence)
             return command, {"modelId": modelId, "table": table}
 
         return self._startJob("classify", volumeNode, build)
@@ -459,9 +461,9 @@ class Med3DFMLogic(ScriptedLoadableModuleLogic):
         return {"result": classified, "tableNode": tableNode, "heatmapNode": heatmapNode}
 
     def classify(self, volumeNode, modelId: str, roiSegmentationNode=None, heatmapMethod: Optional[str] = "attention",
-                 device: str = "auto", timeout: Optional[float] = None) -> Dict[str, Any]:
+                 device: str = "auto", timeout: Optional[float] = None, prevalence: str = "") -> Dict[str, Any]:
         """Classify synchronously (scripts, tests); see finishClassify for what it returns."""
-        return self._runToEnd(self.startClassify(volumeNode, modelId, roiSegmentationNode, heatmapMethod, device), self.finishClassify, timeout)
+        return self._runToEnd(self.startClassify(volumeNode, modelId, roiSegmentationNode, heatmapMethod, device, prevalence), self.finishClassify, timeout)
 
     def startExplain(self, volumeNode, modelId: str, target: str, method: str = "gradcam", device: str = "auto") -> "jobs.Job":
         """Start `explain` (a heatmap of one segment of any segmentation model or adapter) in the background."""

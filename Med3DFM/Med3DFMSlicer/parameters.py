@@ -29,6 +29,7 @@ class Med3DFMParameterNode:
     classifierId - model id of the classification adapter used by Classify.
     classifyRoi - None: classify the whole volume; a segmentation: pool only inside its visible segments.
     heatmapMethod - "none", "attention", "gradcam" or "occlusion" (the slow reference).
+    classifyPrevalence - "" (the training prevalence) or the expected share of classes, e.g. "mass=0.2".
     explainTarget - the segment of the Segment model that Explain maps.
     explainMethod - "gradcam" or "occlusion".
     """
@@ -50,5 +51,6 @@ class Med3DFMParameterNode:
     classifierId: Annotated[str, Default("")]
     classifyRoi: vtkMRMLSegmentationNode
     heatmapMethod: Annotated[str, Choice(list(choices.HEATMAP_METHODS)), Default("attention")]
+    classifyPrevalence: Annotated[str, Default("")]
     explainTarget: Annotated[str, Default("")]
     explainMethod: Annotated[str, Choice(list(choices.EXPLAIN_METHODS)), Default("gradcam")]

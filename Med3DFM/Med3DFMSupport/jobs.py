@@ -251,8 +251,10 @@ def classify_command(
     heatmap_method: str = "attention",
     target: Optional[str] = None,
     registry: Optional[str] = None,
+    prevalence: str = "",
 ) -> List[str]:
-    """`PythonSlicer -m Med3DFMLib.cli classify IMG --model M -o OUT.tsv [--roi R] [--heatmap H.nrrd] --progress json`."""
+    """`PythonSlicer -m Med3DFMLib.cli classify IMG --model M -o OUT.tsv [--roi R] [--heatmap H.nrrd]
+    [--prevalence CLASS=P ...] --progress json`; `prevalence` is the panel's text (see parse_prevalence_text)."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
     if not str(output).lower().endswith(".tsv"):
@@ -268,9 +270,30 @@ def classify_command(
         command += ["--heatmap", str(heatmap), "--heatmap-method", heatmap_method]
     if target:
         command += ["--target", target]
+    for share in parse_prevalence_text(prevalence):
+        command += ["--prevalence", share]
     if registry:
         command += ["--registry", str(registry)]
     return command + ["--progress", "json"]
+
+
+def parse_prevalence_text(text: str) -> List[str]:
+    """['mass=0.2'] from the panel's "mass=0.2" (several: "mass=0.2, cyst=0.1"; empty: the training
+    prevalence). Checked here so a typing slip is named before any job starts; the classifier
+    itself says when a class is not one of its own."""
+    shares = []
+    for part in re.split(r"[,;]", text or ""):
+        if not part.strip():
+            continue
+        name, sep, number = part.partition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            value = float("nan")
+        if not sep or not name.strip() or not 0.0 < value < 1.0:
+            raise ValueError(f"prevalence {part.strip()!r}: write CLASS=P with P between 0 and 1, e.g. mass=0.2")
+        shares.append(f"{name.strip()}={number.strip()}")
+    return shares
 
 
 def explain_command(

@@ -420,8 +420,16 @@ def test_classify_is_offered_once_a_classifier_is_installed_and_a_broken_one_say
     assert harness.widget._parameterNode.classifierId == "broken-classifier"
     assert ui.classifyButton.enabled and ui.classifyButton.toolTip == "Classify the input volume"
 
+    harness.type_text(ui.classifyPrevalenceLineEdit, "mass=20")  # a slip (a percentage) is named and starts nothing
+    harness.click(ui.classifyButton)
+    assert ui.classifyStatusLabel.text == "Not started: prevalence 'mass=20': write CLASS=P with P between 0 and 1, e.g. mass=0.2"
+    assert harness.widget._classifyJob is None and ui.classifyButton.enabled and harness.messages == []
+    harness.type_text(ui.classifyPrevalenceLineEdit, "mass=0.2")
+    assert harness.widget._parameterNode.classifyPrevalence == "mass=0.2"
     harness.click(ui.classifyButton)
     assert ui.classifyStatusLabel.text == "Starting..." and ui.classifyCancelButton.enabled
+    command = harness.widget._classifyJob.command
+    assert command[command.index("--prevalence") + 1] == "mass=0.2"
     assert not ui.classifyButton.enabled and not ui.explainButton.enabled  # one classify/explain job at a time
     _run_to_end(harness, "classifyButton", "the classify job")
     [message] = harness.messages

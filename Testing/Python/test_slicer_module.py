@@ -704,7 +704,7 @@ def test_classify_and_explain_commands(tmp_path):
     assert (args.input, args.model, args.output, args.device) == (tmp_path / "i.nrrd", "adrenal-mass", tmp_path / "r.tsv", "cpu")
     assert (args.roi, args.heatmap, args.heatmap_method) == (tmp_path / "roi.seg.nrrd", tmp_path / "h.nrrd", "gradcam")
     plain = parser.parse_args(jobs.classify_command("py", "i.nrrd", "r.tsv", "m")[3:])
-    assert (plain.roi, plain.heatmap, plain.device) == (None, None, "auto")
+    assert (plain.roi, plain.heatmap, plain.device, plain.prevalence) == (None, None, "auto", None)
     args = parser.parse_args(jobs.explain_command("py", "i.nrrd", "h.nrrd", DEMO, " anterior hippocampus ", "occlusion", "cpu")[3:])
     assert (args.model, args.target, args.method, args.output) == (DEMO, "anterior hippocampus", "occlusion", Path("h.nrrd"))
     for bad in ({"output": "r.csv"}, {"device": "gpu"}, {"heatmap": "h.seg.nrrd"}, {"heatmap": "h.nrrd", "heatmap_method": "saliency"}):
@@ -713,6 +713,21 @@ def test_classify_and_explain_commands(tmp_path):
     for bad in ({"target": " "}, {"method": "lime"}, {"output": "h.seg.nrrd"}, {"device": "tpu"}):
         with pytest.raises(ValueError):
             jobs.explain_command(**{"python": "py", "image": "i.nrrd", "output": "h.nrrd", "model": DEMO, "target": "t", **bad})
+
+
+def test_the_panels_prevalence_text_reaches_the_cli_as_the_cli_reads_it():
+    """"mass=0.2, adrenal cyst = 0.05" becomes two --prevalence options that the CLI's own parser
+    turns into {class: share}; slips are refused before a job starts, naming what was typed."""
+    from Med3DFMLib.cli import build_parser
+    from Med3DFMLib.commands.classify import parse_prevalence
+
+    command = jobs.classify_command("py", "i.nrrd", "r.tsv", "m", prevalence="mass=0.2, adrenal cyst = 0.05;")
+    args = build_parser().parse_args(command[3:])
+    assert parse_prevalence(args.prevalence) == {"mass": 0.2, "adrenal cyst": 0.05}
+    assert jobs.parse_prevalence_text("  ") == [] and "--prevalence" not in jobs.classify_command("py", "i.nrrd", "r.tsv", "m", prevalence=" ")
+    for slip in ("mass", "mass=", "=0.2", "mass=20", "mass=0", "mass=1", "mass=0.2 cyst=0.1", "mass=a lot"):
+        with pytest.raises(ValueError, match="write CLASS=P with P between 0 and 1"):
+            jobs.parse_prevalence_text(slip)
 
 
 def test_classifiers_have_their_own_list_and_segments_name_explain_targets(tmp_path):
