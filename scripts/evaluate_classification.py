@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -72,7 +72,11 @@ def score_adapter(model: Path, images: Sequence[Path], rois: Sequence[Any] = ())
 
 
 # ---------------------------------------------------------------- AdrenalMNIST3D
-def adrenal(work: Path, draws: int, settings: Sequence[int], resnet_draws: int, resnet_all: bool = True) -> Dict[str, Any]:
+def adrenal(work: Path, draws: int, settings: Sequence[int], resnet_draws: int, resnet_all: bool = True, previous: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """`previous`: the adrenal part of an earlier run. When given, the whole-train-split adapter is not
+    learned again (its entry, summary and curves are kept), the few-shot draws are charged the
+    per-scan feature time measured by that run, and a draw that trains no ResNet here keeps the
+    ResNet results that run had for the same setting and draw (marked as carried over)."""
     import SimpleITK as sitk
     from Med3DFMLib.classify.data import read_list
     from Med3DFMLib.classify.job import run_adapt_classify, run_classify
@@ -100,13 +104,18 @@ def adrenal(work: Path, draws: int, settings: Sequence[int], resnet_draws: int, 
 
     results: Dict[str, Any] = {"train": int(len(y_train)), "val": int(len(y_val)), "val_per_class": np.bincount(y_val).tolist(),
                                "deployment_prevalence_mass": round(float(deployment[1]), 4), "settings": {}}
-    plans: List[Tuple[str, int, np.ndarray]] = [("all", 0, np.arange(len(y_train)))]
+    plans: List[Tuple[str, int, np.ndarray]] = [] if previous else [("all", 0, np.arange(len(y_train)))]
     for per_class in settings:
         for draw in range(draws):
             rng = np.random.default_rng(1000 * per_class + draw)
             chosen = np.concatenate([rng.choice(np.nonzero(y_train == c)[0], per_class, replace=False) for c in (0, 1)])
             plans.append((f"{per_class}", draw, chosen))
     feature_seconds: Dict[int, float] = {}
+    if previous:
+        whole = previous["settings"]["all"][0]
+        per_scan = (whole["seconds_wall"] - whole["train_seconds"]) / whole["n_train"]
+        feature_seconds = {i: per_scan for i in range(len(y_train))}
+        results["feature_seconds_per_scan_from_previous_run"] = round(per_scan, 3)
     curves: Dict[str, Any] = {}
     for setting, draw, chosen in plans:
         csv_path = _write_csv(folder / f"train_{setting}_{draw}.csv", ["image", "class"], [[paths["train"][i].name, names[y_train[i]]] for i in chosen])
@@ -155,10 +164,19 @@ def adrenal(work: Path, draws: int, settings: Sequence[int], resnet_draws: int, 
             budgets = ([1] if resnet_all else []) if setting == "all" else [1, 5]  # 5x the all-scans budget is about two hours here
             for factor in budgets:
                 baselines[f"resnet10_{factor}x"] = resnet_baseline(archive["train_images"][chosen], y_train[chosen], archive["val_images"], y_val, factor * cost, draw, curves if first else None, f"{setting} {factor}x")
+        if previous and draw >= resnet_draws:
+            for earlier in previous["settings"].get(setting, []):
+                if earlier["draw"] == draw:
+                    baselines.update({k: {**v, "carried_over": "from the previous run of this evaluation (same draw; its budget was that run's adapter cost)"}
+                                      for k, v in earlier["baselines"].items() if k.startswith("resnet")})
         entry["baselines"] = baselines
         results["settings"].setdefault(setting, []).append(entry)
         print(json.dumps({"adrenal": setting, "draw": draw, "adapter": entry["at_deployment_prevalence"], "oof": entry["out_of_fold"], "lr": baselines["logistic_regression"],
                           "resnet": {k: v for k, v in baselines.items() if k.startswith("resnet")}, "s": entry["seconds_wall"]}), flush=True)
+    if previous:
+        results["settings"] = {"all": previous["settings"]["all"], **results["settings"]}
+        curves.update({k: v for k, v in previous["curves"].items() if k in ("adapter all", "reliability_raw", "reliability_scaled") or k.endswith(" all") or " all " in k})
+        results["all_from_previous_run"] = True
     results["summary"] = {}
     for setting, entries in results["settings"].items():
         def agg(get, rows=entries) -> Dict[str, float]:
@@ -486,6 +504,7 @@ def main() -> None:
     parser.add_argument("--settings", type=int, nargs="*", default=[10, 20, 50])
     parser.add_argument("--resnet-draws", type=int, default=1, help="draws per setting that also train the ResNet-10 baseline (same CPU time as the adapter, and 5x it)")
     parser.add_argument("--no-resnet-all", action="store_true", help="no ResNet-10 on the whole train split (its budget, the adapter's, is about 25 CPU-minutes)")
+    parser.add_argument("--keep-all", action="store_true", help="keep the whole-train-split results of the existing docs/classification_eval.json (its adapter takes about 40 CPU-minutes) and run only the few-shot settings")
     parser.add_argument("--skip-lesions", action="store_true")
     parser.add_argument("--lesion-crops", type=int, default=8, help="crops per scan and class")
     parser.add_argument("--occlusion", type=int, default=2, help="occlusion maps per held-out scan (slow)")
@@ -501,7 +520,13 @@ def main() -> None:
     started = time.perf_counter()
     results: Dict[str, Any] = {"threads": args.threads, "spacing_note": "AdrenalMNIST3D has no spacing: volumes written with 1 mm spacing"}
     if not args.skip_adrenal:
-        results["adrenal"] = adrenal(work, args.draws, args.settings, args.resnet_draws, not args.no_resnet_all)
+        previous = None
+        if args.keep_all:
+            existing = args.out / "classification_eval.json"
+            previous = json.loads(existing.read_text())["adrenal"] if existing.is_file() else None
+            if previous is None or "all" not in previous.get("settings", {}):
+                parser.error(f"--keep-all needs the whole-train-split results in {existing}")
+        results["adrenal"] = adrenal(work, args.draws, args.settings, args.resnet_draws, not args.no_resnet_all, previous)
         plots(results["adrenal"], args.out)
     if not args.skip_lesions:
         results["lesions"] = lesions(work, args.lesion_crops, args.occlusion)

@@ -5,9 +5,11 @@ K-fold cross-fitting (K = min(5, smallest class count)) trains K adapters, each 
 did not see. Those out-of-fold logits choose the number of training steps and fit the temperature,
 and the shipped model is the ensemble of those K fold models at that step, so the temperature
 belongs to the models that are applied. The ECE reported as held out scales each fold with a
-temperature fitted on the other folds only. With fewer than
-`MIN_CALIBRATION_PER_CLASS` examples in some class the fitted temperature is not trusted: it may
-only soften (T ≥ 1), and the result is marked as not calibrated.
+temperature fitted on the other folds only. With fewer than `MIN_CALIBRATION_PER_CLASS` examples
+in some class the out-of-fold predictions are too few to choose either: the fitted temperature may
+only soften (T ≥ 1), the result is marked as not calibrated, and the full schedule is shipped
+(choosing among 20 checkpoints on 20 predictions once shipped models stopped after 10 of 200
+steps, 0.05 AUROC below the full schedule over five draws: docs/classification_eval.md).
 """
 
 from __future__ import annotations
@@ -224,11 +226,8 @@ def _train_classifier(examples: Sequence[Example], class_names: Sequence[str], s
         for step, logits in recorded.items():
             oof[step][torch.from_numpy(held)] = logits
     target = torch.from_numpy(labels)
-    scored = []
-    for step in checkpoints:
-        temperature = fit_temperature(oof[step], target)
-        scored.append((float(F.cross_entropy(oof[step] / temperature, target)), step, temperature))
-    best_nll, best_step, fitted = min(scored)
+    trusted = bool(counts.min() >= MIN_CALIBRATION_PER_CLASS)
+    best_nll, best_step, fitted = choose_step(oof, target, trusted)
     # The shipped model is the ensemble of the fold models at the chosen step: the out-of-fold
     # logits that fitted the temperature came from these very models.
     first = examples[0].views[0]
@@ -236,7 +235,6 @@ def _train_classifier(examples: Sequence[Example], class_names: Sequence[str], s
     for member, states in zip(model.members, fold_states):
         member.load_state_dict(states[best_step])
     model.eval()
-    trusted = bool(counts.min() >= MIN_CALIBRATION_PER_CLASS)
     temperature = fitted if trusted else max(fitted, 1.0)
     logits = oof[best_step]
     raw = logits.softmax(1).numpy()
@@ -247,7 +245,7 @@ def _train_classifier(examples: Sequence[Example], class_names: Sequence[str], s
     else:
         note = (
             f"not calibrated: only {int(counts.min())} example(s) in the smallest class (at least {MIN_CALIBRATION_PER_CLASS} needed); "
-            f"temperature {temperature:.3g} from {k}-fold cross-fitting, allowed only to soften"
+            f"temperature {temperature:.3g} from {k}-fold cross-fitting, allowed only to soften; all {steps} training steps (too few predictions to choose a step)"
         )
     prevalence = {name: round(float(c / len(examples)), 4) for name, c in zip(class_names, counts)}
     summary = {
@@ -277,6 +275,17 @@ def _train_classifier(examples: Sequence[Example], class_names: Sequence[str], s
     }
     summary["calibration"] = calibration
     return model, temperature, summary
+
+
+def choose_step(oof: Dict[int, torch.Tensor], labels: torch.Tensor, trusted: bool) -> Tuple[float, int, float]:
+    """(NLL, step, temperature) of the checkpoint whose temperature-scaled out-of-fold NLL is lowest;
+    the last checkpoint when the predictions are too few to be trusted with the choice."""
+    steps = sorted(oof) if trusted else [max(oof)]
+    scored = []
+    for step in steps:
+        temperature = fit_temperature(oof[step], labels)
+        scored.append((float(F.cross_entropy(oof[step] / temperature, labels)), step, temperature))
+    return min(scored)
 
 
 def calibrated_on_other_folds(logits: torch.Tensor, labels: torch.Tensor, folds: Sequence[np.ndarray], trusted: bool = True) -> np.ndarray:

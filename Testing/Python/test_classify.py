@@ -302,6 +302,22 @@ def test_each_class_has_its_own_attention_map(adrenal, model):
     assert np.abs(normal - mass).max() > 1e-3
 
 
+def test_the_step_is_chosen_only_from_enough_predictions(model):
+    """With enough out-of-fold predictions the checkpoint with the lowest scaled NLL is shipped;
+    with too few (the fixture's 6 per class) the full schedule is, whatever the predictions say."""
+    from Med3DFMLib.classify.train import choose_step
+    from Med3DFMLib.weights import read_weights
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (60,), generator=generator)
+    signal = torch.nn.functional.one_hot(labels, 2).float()
+    oof = {step: torch.randn(60, 2, generator=generator) + signal * strength for step, strength in ((10, 3.0), (20, 1.0), (30, 0.2))}
+    assert choose_step(oof, labels, trusted=True)[1] == 10
+    assert choose_step(oof, labels, trusted=False)[1] == 30
+    summary = read_weights(model)[1]["training"]["summary"]
+    assert summary["steps"] == summary["max_steps"] == 80 and "all 80 training steps" in read_weights(model)[1]["calibration"]["note"]
+
+
 def test_held_out_calibration_never_sees_the_fold_it_scores():
     """The ECE reported as held out scales each fold with a temperature fitted on the other folds:
     changing a fold's own logits changes its probabilities only through those logits."""
