@@ -132,6 +132,13 @@ def brain_domain(maps: List[Path], recipe: Dict[str, Any], seed: int = 0) -> Dic
     }
 
 
+def network_text(architecture: Dict[str, Any], encoder: Optional[Dict[str, Any]]) -> str:
+    """What was trained, in the card's words."""
+    if architecture.get("network") == "unet":
+        return f"MONAI 3D U-Net (channels {'-'.join(str(c) for c in architecture['channels'])}, no residual units) from scratch"
+    return f"encoder {'initialised from ' + encoder['id'] if encoder else 'randomly initialised'} + light decoder, all trained"
+
+
 def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, version: str, licence: str,
                domain: Dict[str, Any]) -> Dict[str, Any]:
     config, recipe, best = state["config"], state["recipe"], state["best"]
@@ -147,8 +154,7 @@ def build_card(state: Dict[str, Any], names: Dict[int, str], model_id: str, vers
     encoder = state["encoder_init"]
     method = (f"the SynthSeg recipe: images synthesised on the fly (random affine and elastic deformation, random per-class "
               f"Gaussian contrast or T1 priors, bias field, resolution and slice-thickness simulation, noise, gamma, skull "
-              f"stripping) at {spacing:g} mm in {config['crop']}^3 crops; encoder "
-              f"{'initialised from ' + encoder['id'] if encoder else 'randomly initialised'} + light decoder, all trained; "
+              f"stripping) at {spacing:g} mm in {config['crop']}^3 crops; {network_text(state['architecture'], encoder)}; "
               f"cross-entropy + soft Dice, AdamW lr {config['lr']:g} (linear warmup {config['warmup_steps']} steps, then constant), "
               f"batch {config['batch']} per process; {state['step']} steps in {hours:.2f} h on {', '.join(devices)}; "
               f"weights of step {state['step']} (best validation Dice of the run: step {best['step']})")

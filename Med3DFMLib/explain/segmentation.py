@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from Med3DFMLib.errors import Med3DFMError
 from Med3DFMLib.explain.heatmaps import normalise
 from Med3DFMLib.explain.occlusion import occlusion_map
 from Med3DFMLib.progress import Progress
@@ -56,6 +57,9 @@ class ModelExplainer:
         return predict_volume(self.model, array, self.window, self.device)
 
     def gradcam(self, array: np.ndarray, region: np.ndarray, target: int) -> np.ndarray:
+        if not hasattr(self.model, "encoder"):
+            raise Med3DFMError("Grad-CAM reads the dual-branch encoder's fused levels, and this model is a plain U-Net "
+                               "without them: use the occlusion method")
         shape = array.shape
         padded = [max(s, w) for s, w in zip(shape, self.window)]
         data = np.full(padded, float(array.min()), dtype=np.float32)
@@ -189,8 +193,6 @@ class PointAdapterExplainer:
 
 def segmentation_heatmap(explainer: Any, array: np.ndarray, target: int, method: str, progress: Optional[Progress] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
     """(map on the model grid in [0, 1], details) for class index `target` of the model's output."""
-    from Med3DFMLib.errors import Med3DFMError
-
     probabilities = explainer.probabilities(array)
     predicted = probabilities.argmax(0) == target
     details: Dict[str, Any] = {"target_voxels_predicted": int(predicted.sum())}

@@ -205,16 +205,24 @@ def _draw_crop(volume: LabelledVolume, size: Sequence[int], rng: np.random.Gener
 
 
 def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Cross-entropy + soft Dice over the labelled voxels (IGNORE voxels count for neither)."""
+    """Cross-entropy + soft Dice over the labelled voxels (IGNORE voxels count for neither).
+
+    The Dice terms are gathered and scattered by class instead of multiplying by a one-hot volume:
+    with SynthSeg's 33 classes on a 96^3 crop the one-hot tensors made the loss half of a U-Net's
+    training step on a CPU."""
     known = targets != IGNORE
     safe = targets.clamp_min(0)
-    ce = F.cross_entropy(logits, safe, reduction="none")[known].mean()
-    probabilities = logits.softmax(1)
-    onehot = F.one_hot(safe, num_classes + 1).permute(0, 4, 1, 2, 3).float()
-    mask = known[:, None].float()
-    intersection = (probabilities * onehot * mask)[:, 1:].sum((0, 2, 3, 4))
-    total = ((probabilities + onehot) * mask)[:, 1:].sum((0, 2, 3, 4))
-    return ce + 1 - ((2 * intersection + 1) / (total + 1)).mean()
+    log_probabilities = logits.float().log_softmax(1)
+    ce = -log_probabilities.gather(1, safe[:, None])[:, 0][known].mean()
+    probabilities = log_probabilities.exp()
+    mask = known[:, None].to(probabilities.dtype)
+    classes = num_classes + 1
+    labelled = safe[known]
+    at_truth = probabilities.gather(1, safe[:, None])[:, 0][known]
+    intersection = torch.zeros(classes, dtype=probabilities.dtype, device=logits.device).scatter_add(0, labelled, at_truth)
+    counts = torch.bincount(labelled, minlength=classes).to(probabilities.dtype)
+    total = (probabilities * mask).sum((0, 2, 3, 4)) + counts
+    return ce + 1 - ((2 * intersection[1:] + 1) / (total[1:] + 1)).mean()
 
 
 def predict_volume(encoder: nn.Module, decoder: FeatureDecoder, image: np.ndarray, window: int = 96, overlap: float = 0.25, atlas: bool = True, registration: bool = True) -> np.ndarray:

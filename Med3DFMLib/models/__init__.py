@@ -3,7 +3,7 @@
 from Med3DFMLib.models.config import VARIANTS, EncoderConfig
 from Med3DFMLib.models.encoder import DualBranchEncoder, EncoderOutput
 from Med3DFMLib.models.heads import SegmentationDecoder, TaskQueryClassifier
-from Med3DFMLib.models.segmentation import SegmentationModel, build_segmentation_model, load_segmentation_model
+from Med3DFMLib.models.segmentation import SegmentationModel, UNetSegmentationModel, build_segmentation_model, load_segmentation_model
 
 __all__ = [
     "VARIANTS",
@@ -13,6 +13,7 @@ __all__ = [
     "SegmentationDecoder",
     "SegmentationModel",
     "TaskQueryClassifier",
+    "UNetSegmentationModel",
     "build_segmentation_model",
     "load_segmentation_model",
 ]

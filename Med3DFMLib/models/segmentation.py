@@ -1,8 +1,10 @@
-"""A segmentation model: the dual-branch encoder plus the light decoder, built from a card."""
+"""Segmentation models built from a card: the dual-branch encoder plus the light decoder, or a
+plain convolutional U-Net (MONAI's) for models trained from scratch where the encoder is too slow
+to train on a CPU (the synthetic-brain model)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Sequence, Union
 
 import torch
 from torch import nn
@@ -33,9 +35,49 @@ class SegmentationModel(nn.Module):
         }
 
 
-def build_segmentation_model(architecture: Dict[str, Any]) -> SegmentationModel:
+class UNetSegmentationModel(nn.Module):
+    """MONAI's residual-free 3D U-Net (strided convolutions down, transposed up, one convolution
+    per level): about 0.8 s per training step on a 96^3 crop with 2 CPU threads, a third of the
+    dual-branch model's 2.3 s, which is what lets a synthetic-image recipe run thousands of steps
+    on a CPU."""
+
+    network = "unet"
+
+    def __init__(self, num_classes: int, channels: Sequence[int] = (16, 32, 64, 128, 256)) -> None:
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        if len(channels) < 2 or any(int(c) < 1 for c in channels):
+            raise Med3DFMError(f"a U-Net needs at least two positive channel counts, got {list(channels)}")
+        self.channels = tuple(int(c) for c in channels)
+        self.num_classes = num_classes
+        self.unet = UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=self.channels,
+                         strides=(2,) * (len(self.channels) - 1), num_res_units=0)
+
+    @property
+    def window_multiple(self) -> int:
+        """Crops must be a multiple of this per axis (one halving per level)."""
+        return 2 ** (len(self.channels) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes, D, H, W) for a (B, 1, D, H, W) window."""
+        return self.unet(x)
+
+    def architecture(self) -> Dict[str, Any]:
+        return {"type": "segmentation", "network": self.network, "channels": list(self.channels), "num_classes": self.num_classes}
+
+
+AnySegmentationModel = Union[SegmentationModel, UNetSegmentationModel]
+
+
+def build_segmentation_model(architecture: Dict[str, Any]) -> AnySegmentationModel:
     if architecture.get("type") != "segmentation":
         raise Med3DFMError(f"model is a {architecture.get('type')!r} model, not a segmentation model")
+    network = architecture.get("network", "dual-branch")
+    if network == "unet":
+        return UNetSegmentationModel(int(architecture["num_classes"]), architecture["channels"])
+    if network != "dual-branch":
+        raise Med3DFMError(f"the card names a segmentation network {network!r} this version does not know (dual-branch, unet)")
     return SegmentationModel(
         EncoderConfig.from_dict(architecture["encoder"]),
         int(architecture["num_classes"]),
@@ -43,7 +85,7 @@ def build_segmentation_model(architecture: Dict[str, Any]) -> SegmentationModel:
     )
 
 
-def load_segmentation_model(tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -> SegmentationModel:
+def load_segmentation_model(tensors: Dict[str, torch.Tensor], card: Dict[str, Any]) -> AnySegmentationModel:
     """Model from a weight file's tensors and card, in eval mode, float32."""
     if "architecture" not in card:
         raise Med3DFMError(f"model card of {card.get('id', 'this model')} has no 'architecture' section")

@@ -1,8 +1,9 @@
 """Whole-brain segmentation learned from synthetic images alone (the SynthSeg recipe): the training loop.
 
 Every step draws fresh (image, labels) pairs from `SynthGenerator` over the training label maps and
-trains the project's segmentation model (the dual-branch encoder, initialised from the bundled
-pretrained weights, plus the light decoder) with cross-entropy + soft Dice on SynthSeg's 33 classes
+trains a segmentation model (the project's dual-branch encoder, initialised from the bundled
+pretrained weights, plus the light decoder; or, `network="unet"`, MONAI's plain U-Net from scratch,
+three times faster a step on a CPU) with cross-entropy + soft Dice on SynthSeg's 33 classes
 (32 structures and background). Runs are meant to last hours in several parts:
 
 * **exact resumption**: the batch of step `s` on rank `r` comes from a generator reseeded with
@@ -83,6 +84,13 @@ class SynthTrainConfig:
     encoder_config: Dict[str, Any] = field(default_factory=dict)
     """the encoder's size when `encoder` is "" (else read from the weights' card)."""
     decoder_dim: int = 32
+    network: str = "dual-branch"
+    """"dual-branch": the project's encoder + light decoder; "unet": MONAI's plain U-Net from scratch
+    (a third of the step time on a CPU; `encoder` is then unused)."""
+    unet_channels: Tuple[int, ...] = (16, 32, 64, 128, 256)
+    moments_dtype: str = "float32"
+    """dtype the AdamW moments are stored in: "bfloat16" halves a checkpoint (a 2 M-parameter U-Net's
+    24 MB to 16 MB, under the repository's 20 MB file limit) at the cost of bit-exact resumption."""
     spacing: float = 2.0
     crop: int = 96
     batch: int = 1
@@ -110,8 +118,15 @@ class SynthTrainConfig:
 
     def __post_init__(self) -> None:
         self.held_out = tuple(self.held_out)
+        self.unet_channels = tuple(int(c) for c in self.unet_channels)
+        if self.network not in ("dual-branch", "unet"):
+            raise Med3DFMError(f"network must be dual-branch or unet, got {self.network!r}")
+        if self.moments_dtype not in ("float32", "bfloat16"):
+            raise Med3DFMError(f"moments_dtype must be float32 or bfloat16, got {self.moments_dtype!r}")
         if self.crop % 16:
             raise Med3DFMError(f"crop must be a multiple of the encoder's window multiple 16, got {self.crop}")
+        if self.network == "unet" and self.crop % 2 ** (len(self.unet_channels) - 1):
+            raise Med3DFMError(f"crop {self.crop} must be a multiple of {2 ** (len(self.unet_channels) - 1)} for a U-Net of {len(self.unet_channels)} levels")
         if self.spacing <= 0 or self.batch < 1 or self.val_images_per_map < 1:
             raise Med3DFMError("spacing must be positive, batch and val_images_per_map at least 1")
 
@@ -268,13 +283,17 @@ def learning_rate(config: SynthTrainConfig, step: int) -> float:
     return config.lr
 
 
-def write_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
-    """Model and AdamW tensors plus the JSON state in one safetensors file, renamed into place."""
+def write_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer, state: Dict[str, Any],
+                     moments_dtype: str = "float32") -> None:
+    """Model and AdamW tensors plus the JSON state in one safetensors file, renamed into place; the
+    moments (not the step counts) in `moments_dtype`, read back as float32."""
     from safetensors.torch import save_file
 
     from Med3DFMLib.training import flatten_optimizer
 
     moments, groups = flatten_optimizer(optimiser.state_dict())
+    if moments_dtype == "bfloat16":
+        moments = {k: v.to(torch.bfloat16) if v.is_floating_point() and not k.endswith(".step") else v for k, v in moments.items()}
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"optimizer.{k}": v for k, v in moments.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -318,7 +337,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
     state = checkpoint_state(path)
     tensors = load_tensors(path)
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    moments = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    moments = {k[len("optimizer."):]: v.float() if v.dtype == torch.bfloat16 else v for k, v in tensors.items() if k.startswith("optimizer.")}
     if not model:
         raise Med3DFMError(f"{path}: the checkpoint holds no model weights")
     return model, moments, state
@@ -360,9 +379,11 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[
 
 def build_model(config: SynthTrainConfig) -> Tuple[torch.nn.Module, Optional[Dict[str, str]]]:
     """The segmentation model and where its encoder came from (None: random initialisation)."""
-    from Med3DFMLib.models import EncoderConfig, SegmentationModel
+    from Med3DFMLib.models import EncoderConfig, SegmentationModel, UNetSegmentationModel
 
     torch.manual_seed(config.seed)
+    if config.network == "unet":
+        return UNetSegmentationModel(NUM_CLASSES, config.unet_channels), None
     if not config.encoder:
         if not config.encoder_config:
             raise Med3DFMError("no encoder weights given: an encoder_config is needed for a random initialisation")
@@ -459,7 +480,7 @@ def train(config: SynthTrainConfig, resume: Optional[Union[str, Path]] = None,
         say(f"step {step}: validation Dice {entry['dice']:.4f} over {len(VALIDATION_STRUCTURES)} structures ({entry['seconds']:.0f} s)")
         if best is None or entry["dice"] > best["dice"]:
             best = {"step": step, "dice": entry["dice"]}
-            write_checkpoint(output / "best.safetensors", model, optimiser, state_now())
+            write_checkpoint(output / "best.safetensors", model, optimiser, state_now(), config.moments_dtype)
 
     stop = StopRequest()
     batches = torch.utils.data.DataLoader(SynthBatches(generator, config.seed, rank, config.batch, step), batch_size=None,
@@ -524,13 +545,13 @@ def train(config: SynthTrainConfig, resume: Optional[Union[str, Path]] = None,
                 stopped_by = "signal" if want == 2.0 else "budget"
                 break
             if rank == 0 and config.checkpoint_minutes > 0 and time.time() - last_save > config.checkpoint_minutes * 60:
-                write_checkpoint(output / "last.safetensors", model, optimiser, state_now())
+                write_checkpoint(output / "last.safetensors", model, optimiser, state_now(), config.moments_dtype)
                 last_save = time.time()
     del stream
     if rank == 0:
         if stopped_by != "signal" and step > start_step and (not validations or validations[-1]["step"] != step):
             run_validation()
-        write_checkpoint(output / "last.safetensors", model, optimiser, state_now())
+        write_checkpoint(output / "last.safetensors", model, optimiser, state_now(), config.moments_dtype)
         say(f"stopped at step {step} ({stopped_by}); checkpoint {output / 'last.safetensors'}")
     if world > 1:
         dist.barrier()

@@ -328,3 +328,89 @@ def test_a_checkpoint_bundles_into_a_segment_model_that_knows_its_domain(maps, d
     predicted = evaluate.freesurfer_labels(segmenter, card, brain)
     assert predicted.shape == sitk.GetArrayFromImage(brain).shape
     assert set(np.unique(predicted)) <= set(SYNTHSEG_OUTPUT_LABELS)
+
+
+def test_the_loss_without_one_hot_volumes_equals_the_one_hot_formula_on_a_real_label_map(maps):
+    """segmentation_loss gathers and scatters by class (a one-hot volume of 33 classes made the loss
+    half of a U-Net step); it must give the one-hot formula's value and gradient, IGNORE voxels
+    counting for neither."""
+    from Med3DFMLib.fewshot.decoder import IGNORE, segmentation_loss
+    from Med3DFMLib.synth import SYNTHSEG_OUTPUT_LABELS
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(maps / "training_seg_01_2mm.nii.gz")))[56:72, 52:76, 52:76]
+    lookup = {v: i for i, v in enumerate(SYNTHSEG_OUTPUT_LABELS)}
+    targets = torch.tensor(np.vectorize(lambda v: lookup.get(int(v), 0))(labels), dtype=torch.long)[None]
+    assert len(torch.unique(targets)) > 5
+    targets[0, :, :, :3] = IGNORE
+    torch.manual_seed(0)
+    logits = torch.randn(1, NUM_CLASSES, *targets.shape[1:], requires_grad=True)
+
+    known = targets != IGNORE
+    safe = targets.clamp_min(0)
+    onehot = F.one_hot(safe, NUM_CLASSES).permute(0, 4, 1, 2, 3).float() * known[:, None]
+    probabilities = logits.softmax(1) * known[:, None]
+    intersection = (probabilities * onehot)[:, 1:].sum((0, 2, 3, 4))
+    total = (probabilities + onehot)[:, 1:].sum((0, 2, 3, 4))
+    expected = F.cross_entropy(logits, safe, reduction="none")[known].mean() + 1 - ((2 * intersection + 1) / (total + 1)).mean()
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+
+    value = segmentation_loss(logits, targets, NUM_CLASSES - 1)
+    (grad,) = torch.autograd.grad(value, logits)
+    assert torch.allclose(value, expected, atol=1e-6)
+    assert torch.allclose(grad, expected_grad, atol=1e-8)
+    assert float(grad[..., :3].abs().max()) == 0.0  # ignored voxels get no gradient
+
+
+def test_a_unet_run_keeps_bfloat16_moments_resumes_and_bundles_into_a_segment_model(maps, data_dir, tmp_path, capsys):
+    """The CPU recipe: MONAI's plain U-Net from scratch with the AdamW moments stored in bfloat16
+    (a checkpoint small enough to commit); it resumes, bundles and segments like the dual-branch model."""
+    from Med3DFMLib.explain.segmentation import ModelExplainer
+    from Med3DFMLib.models import UNetSegmentationModel, load_segmentation_model
+    from Med3DFMLib.segment import load_segmenter
+    from Med3DFMLib.weights import load_tensors, read_card
+
+    changes = dict(network="unet", unet_channels=(4, 8, 16), moments_dtype="bfloat16")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(_config(maps, whole, max_steps=3, **changes), echo=_quiet)
+    train(_config(maps, parts, max_steps=2, **changes), echo=_quiet)
+    stored = load_file(str(parts / "last.safetensors"))
+    assert {v.dtype for k, v in stored.items() if k.startswith("optimizer.") and k.endswith("exp_avg_sq")} == {torch.bfloat16}
+    assert {v.dtype for k, v in stored.items() if k.startswith("model.")} == {torch.float32}
+    summary = train(config_for_resume(parts, max_steps=3), resume=parts, echo=_quiet)
+    assert summary["part_steps"] == 1
+
+    a_weights, _, a_state = read_checkpoint(whole / "last.safetensors")
+    b_weights, b_moments, b_state = read_checkpoint(parts / "last.safetensors")
+    assert b_state["architecture"] == {"type": "segmentation", "network": "unet", "channels": [4, 8, 16], "num_classes": NUM_CLASSES}
+    assert b_state["encoder_init"] is None and all(v.dtype != torch.bfloat16 for v in b_moments.values())
+    # not bit-exact (the moments were rounded), but the same run: same samples, nearly the same weights
+    losses = lambda state: [(e["step"], e["loss"]) for e in state["history"]]  # noqa: E731
+    assert [s for s, _ in losses(b_state)] == [1, 2, 3] and losses(a_state)[:2] == losses(b_state)[:2]
+    assert abs(losses(a_state)[2][1] - losses(b_state)[2][1]) < 1e-2
+    for name in a_weights:
+        assert torch.allclose(a_weights[name], b_weights[name], atol=1e-4), name
+
+    bundle, evaluate = _scripts()
+    out = tmp_path / "synth-brain-unet-test.safetensors"
+    assert bundle.main([str(parts / "last.safetensors"), "--out", str(out), "--maps", str(maps), "--id", "synth-brain-unet-test"]) == 0
+    capsys.readouterr()
+    card = read_card(out)
+    assert "MONAI 3D U-Net (channels 4-8-16" in card["training"]["method"] and card["licence"] == "Apache-2.0"
+    model = load_segmentation_model(load_tensors(out), card)
+    assert isinstance(model, UNetSegmentationModel) and model.window_multiple == 4
+    brain = evaluate.with_true_axes(sitk.ReadImage(str(data_dir / "brain" / "t1_brain_4mm.nii.gz"), sitk.sitkFloat32))
+    predicted = evaluate.freesurfer_labels(load_segmenter(str(out), device_name="cpu"), card, brain)
+    assert predicted.shape == sitk.GetArrayFromImage(brain).shape
+    with pytest.raises(Med3DFMError, match="plain U-Net.*occlusion"):
+        ModelExplainer(model, (32, 32, 32), torch.device("cpu")).gradcam(np.zeros((32, 32, 32), np.float32), np.ones((32, 32, 32), np.float32), 1)
+
+
+def test_a_card_naming_an_unknown_network_is_refused_clearly():
+    from Med3DFMLib.models import build_segmentation_model
+
+    with pytest.raises(Med3DFMError, match="network 'transformer-xl' this version does not know"):
+        build_segmentation_model({"type": "segmentation", "network": "transformer-xl", "num_classes": 3})
+    with pytest.raises(Med3DFMError, match="network must be dual-branch or unet"):
+        SynthTrainConfig(maps=".", output=".", network="resnet")
+    with pytest.raises(Med3DFMError, match="multiple of 32 for a U-Net of 6 levels"):
+        SynthTrainConfig(maps=".", output=".", network="unet", unet_channels=(4, 8, 16, 32, 64, 128), crop=48)
