@@ -97,8 +97,8 @@ def weights_licence(encoder_init: Optional[Dict[str, Any]], given: Optional[str]
 
 def brain_domain(maps: List[Path], recipe: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
     """The card's `domain`: a brain MR of any contrast, whole head or skull-stripped. The field of
-    view spans the label maps' brain-only boxes (SynthSeg's 32 structures) to their whole-head boxes
-    (every label), along L, P, S after reorienting to LPS. The intensities are not checked (the model
+    view spans the label maps' brain-only boxes (SynthSeg's 32 structures) to their whole grids (the
+    head and the air around it, as a whole-head acquisition has), along L, P, S after reorienting to LPS. The intensities are not checked (the model
     was trained for any contrast; only "not CT" is): their `raw` range is that of whole-head images
     synthesised with the training recipe, for people to read. A hippocampus crop (35 x 50 x 35 mm) or
     a chest CT is refused; a scan cut to part of the brain may be too."""
@@ -115,6 +115,9 @@ def brain_domain(maps: List[Path], recipe: Dict[str, Any], seed: int = 0) -> Dic
         for mask in (array > 0, np.isin(array, [v for v in SYNTHSEG_OUTPUT_LABELS if v])):
             where = np.nonzero(mask)
             extents.append([(int(w.max()) - int(w.min()) + 1) * s for w, s in zip(where, spacing_zyx)][::-1])  # L, P, S
+        # the map's whole grid (air included): what a whole-head acquisition covers (256 mm at 1 mm for
+        # SynthSeg's maps); the head's own box alone refused FreeSurfer's conformed 256^3 grid
+        extents.append(list(np.array(array.shape[::-1]) * np.array(image.GetSpacing())))
     extents_mm = np.array(extents)
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}
     generator = SynthGenerator(maps, SynthConfig(**{**settings, "crop_shape": None}), seed, table=load_label_table(maps[0].parent))

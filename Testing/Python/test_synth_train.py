@@ -317,6 +317,10 @@ def test_a_checkpoint_bundles_into_a_segment_model_that_knows_its_domain(maps, d
     # the domain: a whole brain fits, a hippocampus crop and a CT do not
     brain = evaluate.with_true_axes(sitk.ReadImage(str(data_dir / "brain" / "t1_brain_4mm.nii.gz"), sitk.sitkFloat32))
     assert check(measure_image(brain), card["domain"]).fits
+    # a whole-head acquisition's field of view (256 mm, air around the head) fits too
+    whole_head = sitk.ConstantPad(brain, [0, 0, 0], [64 - s for s in brain.GetSize()], 0.0)
+    assert measure_image(whole_head).extent_mm == pytest.approx((256.0, 256.0, 256.0))
+    assert check(measure_image(whole_head), card["domain"]).fits
     crop = sitk.ReadImage(str(sorted((data_dir / "hippocampus" / "images").glob("*.nii.gz"))[0]), sitk.sitkFloat32)
     verdict = check(measure_image(crop), card["domain"])
     assert not verdict.fits and "field of view" in verdict.reason()
