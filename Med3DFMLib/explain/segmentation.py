@@ -57,9 +57,6 @@ class ModelExplainer:
         return predict_volume(self.model, array, self.window, self.device)
 
     def gradcam(self, array: np.ndarray, region: np.ndarray, target: int) -> np.ndarray:
-        if not hasattr(self.model, "encoder"):
-            raise Med3DFMError("Grad-CAM reads the dual-branch encoder's fused levels, and this model is a plain U-Net "
-                               "without them: use the occlusion method")
         shape = array.shape
         padded = [max(s, w) for s, w in zip(shape, self.window)]
         data = np.full(padded, float(array.min()), dtype=np.float32)
@@ -86,6 +83,9 @@ class ModelExplainer:
 
     def _logits_and_fused_levels(self, crop: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Logits of one window and the fused encoder levels (strides 4, 8, 16) whose gradients Grad-CAM reads."""
+        if not hasattr(self.model, "encoder"):
+            raise Med3DFMError("Grad-CAM reads the dual-branch encoder's fused levels, and this model is a plain U-Net "
+                               "without them: use the occlusion method")
         out = self.model.encoder(crop)
         fused = out.pyramid[1:]
         for level in fused:
