@@ -117,7 +117,7 @@ def brain_domain(maps: List[Path], recipe: Dict[str, Any], seed: int = 0) -> Dic
             extents.append([(int(w.max()) - int(w.min()) + 1) * s for w, s in zip(where, spacing_zyx)][::-1])  # L, P, S
         # the map's whole grid (air included): what a whole-head acquisition covers (256 mm at 1 mm for
         # SynthSeg's maps); the head's own box alone refused FreeSurfer's conformed 256^3 grid
-        extents.append(list(np.array(array.shape[::-1]) * np.array(image.GetSpacing())))
+        extents.append([n * s for n, s in zip(image.GetSize(), image.GetSpacing())])
     extents_mm = np.array(extents)
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}
     generator = SynthGenerator(maps, SynthConfig(**{**settings, "crop_shape": None}), seed, table=load_label_table(maps[0].parent))

@@ -213,12 +213,13 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: 
     known = targets != IGNORE
     safe = targets.clamp_min(0)
     log_probabilities = logits.float().log_softmax(1)
-    ce = -log_probabilities.gather(1, safe[:, None])[:, 0][known].mean()
+    log_at_truth = log_probabilities.gather(1, safe[:, None])[:, 0][known]
+    ce = -log_at_truth.mean()
     probabilities = log_probabilities.exp()
     mask = known[:, None].to(probabilities.dtype)
     classes = num_classes + 1
     labelled = safe[known]
-    at_truth = probabilities.gather(1, safe[:, None])[:, 0][known]
+    at_truth = log_at_truth.exp()
     intersection = torch.zeros(classes, dtype=probabilities.dtype, device=logits.device).scatter_add(0, labelled, at_truth)
     counts = torch.bincount(labelled, minlength=classes).to(probabilities.dtype)
     total = (probabilities * mask).sum((0, 2, 3, 4)) + counts

@@ -35,6 +35,11 @@ class SegmentationModel(nn.Module):
         }
 
 
+def unet_window_multiple(channels: Sequence[int]) -> int:
+    """A U-Net's crops must be a multiple of this per axis: one halving per level below the top."""
+    return 2 ** (len(channels) - 1)
+
+
 class UNetSegmentationModel(nn.Module):
     """MONAI's residual-free 3D U-Net (strided convolutions down, transposed up, one convolution
     per level): about 0.8 s per training step on a 96^3 crop with 2 CPU threads, a third of the
@@ -56,8 +61,7 @@ class UNetSegmentationModel(nn.Module):
 
     @property
     def window_multiple(self) -> int:
-        """Crops must be a multiple of this per axis (one halving per level)."""
-        return 2 ** (len(self.channels) - 1)
+        return unet_window_multiple(self.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, classes, D, H, W) for a (B, 1, D, H, W) window."""

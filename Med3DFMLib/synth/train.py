@@ -125,8 +125,12 @@ class SynthTrainConfig:
             raise Med3DFMError(f"moments_dtype must be float32 or bfloat16, got {self.moments_dtype!r}")
         if self.crop % 16:
             raise Med3DFMError(f"crop must be a multiple of the encoder's window multiple 16, got {self.crop}")
-        if self.network == "unet" and self.crop % 2 ** (len(self.unet_channels) - 1):
-            raise Med3DFMError(f"crop {self.crop} must be a multiple of {2 ** (len(self.unet_channels) - 1)} for a U-Net of {len(self.unet_channels)} levels")
+        if self.network == "unet":
+            from Med3DFMLib.models.segmentation import unet_window_multiple
+
+            multiple = unet_window_multiple(self.unet_channels)
+            if self.crop % multiple:
+                raise Med3DFMError(f"crop {self.crop} must be a multiple of {multiple} for a U-Net of {len(self.unet_channels)} levels")
         if self.spacing <= 0 or self.batch < 1 or self.val_images_per_map < 1:
             raise Med3DFMError("spacing must be positive, batch and val_images_per_map at least 1")
 
