@@ -4,6 +4,7 @@ Med3DFMLib/synth/train.py), in resumable parts.
 
     python scripts/train_synth_brain.py --out build/synth_brain --minutes 60 --threads 2
     python scripts/train_synth_brain.py --resume build/synth_brain --minutes 60     # the next part
+    python scripts/train_synth_brain.py --resume build/synth_brain --anneal 9000 12000  # a closing part
     torchrun --nproc_per_node 4 scripts/train_synth_brain.py --spacing 1 --crop 160 --workers 6 --minutes 120
 
 A resumed part keeps the run's training settings (spacing, crop, batch, seed, ...); giving a
@@ -36,6 +37,8 @@ def main() -> int:
     parser.add_argument("--maps", type=Path, help=f"SynthSeg label maps (default {DEFAULT_MAPS})")
     parser.add_argument("--minutes", type=float, default=0.0, help="wall-time budget of this part (0: no limit)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop at this total step (0: no limit)")
+    parser.add_argument("--anneal", type=int, nargs=2, metavar=("FROM", "TO"), default=(0, 0),
+                        help="a closing part: cosine the learning rate from its value at step FROM to 0 at step TO, and stop there")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--workers", type=int, default=0, help="processes synthesising images ahead (GPU runs want several)")
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0)
@@ -61,7 +64,8 @@ def main() -> int:
                                  ("unet_channels", tuple(args.unet_channels) if args.unet_channels else None),
                                  ("moments_dtype", args.moments_dtype)) if v is not None}
     per_part = {"minutes": args.minutes, "max_steps": args.max_steps, "checkpoint_minutes": args.checkpoint_minutes,
-                "val_every": args.val_every, "log_every": args.log_every, "workers": args.workers}
+                "val_every": args.val_every, "log_every": args.log_every, "workers": args.workers,
+                "anneal_from": args.anneal[0], "anneal_to": args.anneal[1]}
     if args.maps is not None:
         per_part["maps"] = str(args.maps)
     try:

@@ -26,6 +26,7 @@ three times faster a step on a CPU) with cross-entropy + soft Dice on SynthSeg's
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -69,7 +70,8 @@ VALIDATION_STRUCTURES: Dict[str, Tuple[int, ...]] = {
 
 CHECKPOINT_KEY = "med3dfm.synth_checkpoint"
 CHECKPOINT_FORMAT = 1
-PER_PART = ("maps", "output", "minutes", "max_steps", "checkpoint_minutes", "val_every", "log_every", "workers")
+PER_PART = ("maps", "output", "minutes", "max_steps", "checkpoint_minutes", "val_every", "log_every", "workers",
+            "anneal_from", "anneal_to")
 """Settings a resumed part may change: where the files are, when to stop, save and report; never
 what is learned (the same maps may sit elsewhere on another machine)."""
 
@@ -99,7 +101,13 @@ class SynthTrainConfig:
     # of steps, and a cosine needs its end fixed up front (a resumed part would either restart the
     # decay or be stuck at its floor). SynthSeg itself trains at a constant learning rate. The
     # warmup keeps the fresh decoder's first large gradients from wrecking the pretrained encoder.
+    # The last part may anneal (`anneal_from`, `anneal_to`) once the run's end is known.
     warmup_steps: int = 100
+    anneal_from: int = 0
+    anneal_to: int = 0
+    """a closing part: the learning rate falls along a half cosine from `lr` at step `anneal_from`
+    to 0 at `anneal_to`, where the run stops (0, 0: no annealing). Absolute steps, so an annealing
+    part that is interrupted resumes on the same curve when given the same two numbers."""
     weight_decay: float = 0.01
     seed: int = 0
     held_out: Tuple[str, ...] = HELD_OUT_MAPS
@@ -131,6 +139,8 @@ class SynthTrainConfig:
             multiple = unet_window_multiple(self.unet_channels)
             if self.crop % multiple:
                 raise Med3DFMError(f"crop {self.crop} must be a multiple of {multiple} for a U-Net of {len(self.unet_channels)} levels")
+        if (self.anneal_from or self.anneal_to) and not 0 <= self.anneal_from < self.anneal_to:
+            raise Med3DFMError(f"annealing needs 0 <= anneal_from < anneal_to, got {self.anneal_from} and {self.anneal_to}")
         if self.spacing <= 0 or self.batch < 1 or self.val_images_per_map < 1:
             raise Med3DFMError("spacing must be positive, batch and val_images_per_map at least 1")
 
@@ -282,9 +292,19 @@ def validate(model: torch.nn.Module, data: ValidationSet, crop: int, device: tor
 
 
 def learning_rate(config: SynthTrainConfig, step: int) -> float:
+    """The rate of the update made at `step`: warmup, constant, and in a closing part the anneal."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if config.anneal_to > config.anneal_from and step >= config.anneal_from:
+        progress = min(1.0, (step - config.anneal_from) / (config.anneal_to - config.anneal_from))
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.lr
+
+
+def last_step(config: SynthTrainConfig) -> int:
+    """The step a run stops at (0: none): `max_steps` or the anneal's end, whichever comes first."""
+    ends = [end for end in (config.max_steps, config.anneal_to) if end > 0]
+    return min(ends) if ends else 0
 
 
 def write_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer, state: Dict[str, Any],
@@ -492,10 +512,12 @@ def train(config: SynthTrainConfig, resume: Optional[Union[str, Path]] = None,
     stream = iter(batches)
     step_seconds: Optional[float] = None
     last_save = time.time()
-    window_started, window_steps, stopped_by = time.time(), 0, "max_steps"
+    end_step = last_step(config)
+    window_started, window_steps = time.time(), 0
+    stopped_by = "anneal" if end_step and end_step == config.anneal_to else "max_steps"
     model.train()
     with stop, flush_denormals():
-        while config.max_steps <= 0 or step < config.max_steps:
+        while end_step <= 0 or step < end_step:
             tick = time.time()
             drawn, images, targets = next(stream)
             assert drawn == step, (drawn, step)

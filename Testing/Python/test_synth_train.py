@@ -130,6 +130,24 @@ def test_a_stopped_and_resumed_run_reaches_the_same_weights(maps, tmp_path):
     assert [(p["from_step"], p["to_step"]) for p in b_state["parts"]] == [(0, 2), (2, 4)]
 
 
+def test_a_closing_part_anneals_the_learning_rate_to_zero_and_stops_at_its_end(maps, tmp_path):
+    run = tmp_path / "run"
+    first = _config(maps, run, max_steps=4)
+    train(first, echo=_quiet)
+    closing = config_for_resume(run, max_steps=0, anneal_from=4, anneal_to=8)  # per-part settings: no refusal
+    summary = train(closing, resume=run, echo=_quiet)
+    assert summary["steps"] == 8 and summary["stopped_by"] == "anneal"
+    rates = {e["step"]: e["lr"] for e in read_checkpoint(run / "last.safetensors")[2]["history"]}
+    # the update of step s (logged at s + 1) uses lr * (1 + cos(pi (s - 4) / 4)) / 2
+    assert [rates[s + 1] for s in range(4, 8)] == pytest.approx([first.lr * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)])
+    assert rates[4] == first.lr and learning_rate(closing, 8) == 0.0
+    # a later part without the anneal is back at the constant rate
+    assert learning_rate(config_for_resume(run, anneal_from=0, anneal_to=0), 9) == first.lr
+    for bad in ((5, 5), (6, 2), (-1, 3)):
+        with pytest.raises(Med3DFMError, match="annealing needs"):
+            _config(maps, run, anneal_from=bad[0], anneal_to=bad[1])
+
+
 def test_the_sample_stream_continues_and_never_repeats(maps):
     paths, _ = split_maps(maps, HELD)
     generator = SynthGenerator(paths, SynthConfig(target_spacing=4.0, crop_shape=32), table=load_label_table(maps))
