@@ -18,7 +18,12 @@ on real scans it never saw, through the library's segment pipeline (Med3DFMLib.s
    1 M voxels). No second real labelled T1 is in the shared data, so the atlas is SynthSeg's
    training_seg_01 with T1 intensities drawn from SynthSeg's T1 priors (no deformation, skull
    stripped, 1 mm): the labels are a real head's, the image synthetic. Its seconds are the peer's.
-4. **Hippocampus crops**: the 200 MSD Task04 crops (manual labels, anterior + posterior merged)
+4. **The MNI template** (with `--mni FOLDER`): the ICBM 2009a symmetric T1 template nilearn ships
+   (mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz: a skull-stripped average of 152
+   adults, 1 mm), scored as tissues, the only labels it has: grey matter against its grey-matter
+   probability map above 0.5, white matter against its white-matter map (`TISSUES`). A second T1
+   from another scanner population, not a subject: its average anatomy is smoother than any head.
+5. **Hippocampus crops**: the 200 MSD Task04 crops (manual labels, anterior + posterior merged)
    segmented as they are, hippocampus = FreeSurfer 17 or 53; beside it the bundled crop model
    `hippocampus-mr-demo` on its own 40 held-out cases (every 5th by name), both merged.
 
@@ -32,7 +37,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -47,6 +52,15 @@ DATA = ROOT.parent / "shared" / "data"
 TRUE_DIRECTION = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)
 """LIA in ITK's LPS world, row-major: voxel i -> +x (left), j -> -z (inferior), k -> -y (anterior)."""
 HIPPOCAMPUS = (17, 53)
+MNI_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
+TISSUES: Dict[str, Tuple[int, ...]] = {
+    "grey matter": (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58),
+    "white matter": (2, 41, 7, 46, 16, 28, 60),
+}
+"""FreeSurfer labels grouped as the template's tissue maps draw them: cortex, cerebellar cortex and
+the deep grey nuclei (thalamus, caudate, putamen, pallidum, hippocampus, amygdala, accumbens) as grey;
+cerebral and cerebellar white matter, brain stem and ventral diencephalon as white. Ventricles and
+CSF are in neither."""
 
 
 def with_true_axes(image: sitk.Image) -> sitk.Image:
@@ -96,6 +110,24 @@ def score_real_t1(segmenter: Any, card: Dict[str, Any], with_atlas: bool = True)
         results["peer: one labelled T1 registered"] = atlas_baseline(image, truth)
         print(f"registration peer: {results['peer: one labelled T1 registered']}", flush=True)
     return results
+
+
+def score_mni(segmenter: Any, card: Dict[str, Any], folder: Path) -> Dict[str, Any]:
+    """Tissue Dice on the MNI template against its own probability maps (see the module docstring)."""
+    missing = [f for f in MNI_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise SystemExit(f"--mni {folder}: missing {', '.join(missing)} (nilearn's nilearn/datasets/data folder has them)")
+    image = sitk.ReadImage(str(folder / MNI_FILES["t1"]), sitk.sitkFloat32)
+    tick = time.perf_counter()
+    predicted = freesurfer_labels(segmenter, card, image)
+    seconds = time.perf_counter() - tick
+    per_tissue = {}
+    for tissue, key in (("grey matter", "gm"), ("white matter", "wm")):
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / MNI_FILES[key]))) >= 128  # probability 0..255
+        per_tissue[tissue] = round(dice(np.isin(predicted, TISSUES[tissue]), truth), 4)
+    print(f"MNI template: {per_tissue} ({seconds:.0f} s)", flush=True)
+    return {"per_tissue": per_tissue, "seconds": round(seconds, 1),
+            "truth": "the template's own tissue probability maps above 0.5", "tissues": {k: list(v) for k, v in TISSUES.items()}}
 
 
 def synthetic_t1_atlas(seed: int = 0) -> "tuple":
@@ -172,6 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--hippocampus-cases", type=int, default=200, help="how many of the 200 MSD crops (sorted by name; 0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-atlas", action="store_true", help="leave out the registration peer")
+    parser.add_argument("--mni", type=Path, help="a folder with nilearn's MNI152 2009a T1, GM and WM files: score tissues on the template")
     args = parser.parse_args(argv)
 
     import torch
@@ -185,8 +218,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     segmenter = load_segmenter(str(args.model), device_name="cpu")
     result: Dict[str, Any] = {"model": {"file": str(args.model), "id": card["id"], "version": card["version"],
                                         "steps": card["training"]["steps"], "hours_trained": round(card["training"]["seconds"] / 3600, 2),
-                                        "synthetic_validation_dice": card["metrics"]["mean_dice"]},
+                                        "synthetic_validation_dice": card["metrics"].get("synthetic_validation", card["metrics"])["mean_dice"]},
                               "threads": args.threads, "real_t1": score_real_t1(segmenter, card, not args.no_atlas)}
+    if args.mni:
+        result["mni_template"] = score_mni(segmenter, card, args.mni)
     if args.hippocampus_cases:
         names = sorted(p.name for p in (DATA / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))[: args.hippocampus_cases]
         test = names[::5]

@@ -312,6 +312,18 @@ def test_the_real_t1_has_the_true_axes_the_evaluation_gives_it(data_dir):
     assert raw.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
+def test_the_mni_tissues_take_every_brain_structure_once_and_no_fluid(tmp_path):
+    """The template is scored as grey and white matter: each of the model's 32 structures is in
+    exactly one tissue except the ventricles and CSF, in none; a folder without the files is refused."""
+    _, evaluate = _scripts()
+    grey, white = set(evaluate.TISSUES["grey matter"]), set(evaluate.TISSUES["white matter"])
+    assert not grey & white
+    fluid = {4, 43, 5, 44, 14, 15, 24}
+    assert grey | white | fluid | {0} == set(SYNTHSEG_OUTPUT_LABELS) and not (grey | white) & fluid
+    with pytest.raises(SystemExit, match="missing mni_icbm152_t1"):
+        evaluate.score_mni(None, {}, tmp_path)
+
+
 def test_a_checkpoint_bundles_into_a_segment_model_that_knows_its_domain(maps, data_dir, tmp_path, capsys):
     from Med3DFMLib.domain import check, measure_image
     from Med3DFMLib.segment import load_segmenter
@@ -350,6 +362,25 @@ def test_a_checkpoint_bundles_into_a_segment_model_that_knows_its_domain(maps, d
     predicted = evaluate.freesurfer_labels(segmenter, card, brain)
     assert predicted.shape == sitk.GetArrayFromImage(brain).shape
     assert set(np.unique(predicted)) <= set(SYNTHSEG_OUTPUT_LABELS)
+
+    # with the real-scan evaluation of these weights the card states it (metrics and limits); an
+    # evaluation of other weights is refused. The numbers here stand in for evaluate_synth_brain's.
+    per_structure = {name: 0.5 for name in VALIDATION_STRUCTURES}
+    evaluation = {"model": {"steps": 2}, "real_t1": {"T1": {"mean_dice": 0.61, "per_structure": per_structure, "seconds": 3.0},
+                                                    "T1, brain intensities inverted (T2-like)": {"mean_dice": 0.52, "per_structure": per_structure},
+                                                    "peer: one labelled T1 registered": {"mean_dice": 0.7}}}
+    scored = tmp_path / "eval.json"
+    scored.write_text(json.dumps(evaluation))
+    assert bundle.main([str(run / "best.safetensors"), "--out", str(out), "--maps", str(maps), "--evaluation", str(scored)]) == 0
+    card = read_card(out)
+    assert card["metrics"]["mean_dice"] == 0.61 and card["metrics"]["synthetic_validation"]["step"] == 2
+    assert card["metrics"]["real_t1"]["registration_peer_mean_dice"] == 0.7
+    assert card["limits"].startswith("Measured on one real T1 only: mean Dice 0.61") and "0.70" in card["limits"]
+    evaluation["model"]["steps"] = 3
+    scored.write_text(json.dumps(evaluation))
+    capsys.readouterr()
+    assert bundle.main([str(run / "best.safetensors"), "--out", str(tmp_path / "other.safetensors"), "--maps", str(maps), "--evaluation", str(scored)]) == 2
+    assert "scored the weights of step 3" in capsys.readouterr().err and not (tmp_path / "other.safetensors").exists()
 
 
 def test_the_loss_without_one_hot_volumes_equals_the_one_hot_formula_on_a_real_label_map(maps):
